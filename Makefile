@@ -1,0 +1,36 @@
+# `make test` and `make demo` create (or reuse) .venv, install the package, and run.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# Without CUDA, pin torch to the CPU build (see constraints-cpu.txt); with CUDA, leave it free.
+CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install test test-fast demo bench clean
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not ray and not slow" tests
+
+demo: $(STAMP)
+	$(BIN)/python workflows/stream.py --config workflows/configs/tiny-cpu.yaml --out runs/demo
+
+bench: $(STAMP)
+	$(BIN)/python workflows/bench.py rank
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,409 @@
+"""One typed configuration tree for a stream, its YAML presets and dotted overrides.
+
+Every knob of a run lives in a dataclass below, with a one-line comment. YAML presets in
+``workflows/configs/`` are loaded through :func:`load_config`; ``--set a.b=value`` overrides are
+applied with the same type checks. Any unknown key or ill-typed value raises :class:`ConfigError`
+with one line naming the dotted key and what is expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message is one actionable line."""
+
+
+@dataclass
+class BuiltinBenchmarkConfig:
+    """The built-in offline benchmark (DESIGN §5)."""
+
+    tasks: list[str] = field(
+        default_factory=lambda: [
+            "choice", "ocr", "classify", "compose", "unanswerable", "ground", "count", "chart",
+        ]
+    )  # stream order; names from cram_ray.data.builtin.TASKS
+    train_per_task: int = 600  # training records per task
+    test_per_task: int = 100  # test records per task
+    image_size: int = 64  # square images, pixels
+    shared_instruction: bool = False  # one instruction for every task: level-1 grouping cannot split them
+    seed: int = 0  # generator seed: same seed -> same bytes
+
+    def __post_init__(self) -> None:
+        if self.train_per_task < 1 or self.test_per_task < 1:
+            raise ConfigError("data.builtin.train_per_task / test_per_task: expected >= 1")
+        if self.image_size < 16:
+            raise ConfigError(f"data.builtin.image_size: expected >= 16, got {self.image_size}")
+
+
+@dataclass
+class DataConfig:
+    """Where the stream's tasks come from."""
+
+    benchmark: Optional[str] = None  # manifest YAML path; None = the built-in benchmark
+    builtin: BuiltinBenchmarkConfig = field(default_factory=BuiltinBenchmarkConfig)
+    cache_dir: str = "~/.cache/cram_ray"  # generated benchmark, shards, base models
+    max_text_len: int = 64  # text tokens per sample (instruction + answer), image tokens excluded
+    max_answer_len: int = 12  # generation budget in tokens at evaluation
+
+
+@dataclass
+class BaseTrainConfig:
+    """Stage 0: pretraining the tiny VLM on a generic caption/QA mix (cached by config hash)."""
+
+    steps: int = 1500  # optimizer steps; 0 = use the randomly initialised model as is
+    batch_size: int = 32
+    lr: float = 2e-3
+    samples: int = 6000  # distinct caption/QA records generated for the mix
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The vision-language model."""
+
+    kind: Literal["tiny", "hf_llava"] = "tiny"  # tiny = built from config; hf_llava = local checkpoint dir
+    path: Optional[str] = None  # local HF Llava checkpoint directory (kind=hf_llava)
+    vision_tower: Literal["clip", "siglip"] = "clip"
+    image_size: int = 64  # must match data.builtin.image_size for the tiny model
+    patch_size: int = 8  # (image_size / patch_size)^2 image tokens
+    vision_hidden: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden: int = 256
+    text_layers: int = 4
+    text_heads: int = 4
+    text_intermediate: int = 512
+    max_positions: int = 256
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    base: BaseTrainConfig = field(default_factory=BaseTrainConfig)
+    text_encoder: str = "minilm"  # routing text encoder: "minilm" (packaged) or a local path
+    routing_image_layers: Literal["last", "all"] = "all"  # vision layers pooled into routing features
+
+    def __post_init__(self) -> None:
+        if self.kind == "hf_llava" and not self.path:
+            raise ConfigError("model.path: expected a local Llava checkpoint directory when model.kind=hf_llava")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"model.image_size: expected a multiple of model.patch_size={self.patch_size}, got {self.image_size}"
+            )
+        if self.text_hidden % self.text_heads or self.vision_hidden % self.vision_heads:
+            raise ConfigError("model.text_hidden / vision_hidden: expected a multiple of the head count")
+
+
+@dataclass
+class CramConfig:
+    """CRAM hyperparameters (DESIGN §3). Defaults are scaled for the tiny model; see README."""
+
+    buf_rank: int = 16  # probe buffer rank (48 at 7B)
+    rank_min: int = 2  # rank floor per layer (4 at 7B)
+    rank_max: int = 8  # rank cap per layer (9-10 at 7B)
+    tau_alloc: float = 0.08  # absolute spectral threshold on singular values
+    tau_rel: float = 0.0  # relative threshold: keep S_j > tau_rel * S_0 (0 = off)
+    tau_novel: float = 0.5  # novelty: share of a direction outside the group's span (0.99 at 7B widths)
+    probe_ratio: float = 0.05  # share of the task's steps spent probing the buffer
+    join_sim: float = 0.8  # single-group rule: join when cosine > join_sim
+    theta: float = 0.1  # multi-group rule: join the top group when s1 - s2 > theta
+    max_groups: int = 8
+    router: Literal["rbf", "lda"] = "lda"  # level-2 distance: reference RBF or shared-covariance LDA
+    sigma: float = 0.0  # RBF width; 0 = from the data: 0.5 * sqrt(mean within-task squared distance)
+    shrinkage: float = -1.0  # LDA covariance shrinkage; < 0 = Ledoit-Wolf estimate
+    top_k: int = 0  # experts kept per sample at level 2; 0 = all of the group
+    lambda_dec: float = 1.0  # decoupling penalty weight
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rank_min <= self.rank_max:
+            raise ConfigError(
+                f"method.cram.rank_min/rank_max: expected 1 <= rank_min <= rank_max, got {self.rank_min}/{self.rank_max}"
+            )
+        if not 0.0 <= self.probe_ratio < 1.0:
+            raise ConfigError(f"method.cram.probe_ratio: expected in [0, 1), got {self.probe_ratio}")
+        if self.buf_rank < self.rank_min:
+            raise ConfigError("method.cram.buf_rank: expected >= rank_min")
+
+
+@dataclass
+class BaselineConfig:
+    """Settings of the comparison methods (DESIGN §4)."""
+
+    moelora_experts: int = 4  # MoELoRA: experts of rank lora_rank / E
+    olora_lambda: float = 0.5  # O-LoRA orthogonality weight
+    same_mu: float = 0.9  # SAME curvature damping
+    same_energy: float = 0.9  # SAME cumulative energy kept by the spectral subspaces
+    same_every: int = 20  # SAME: steps between router-subspace refreshes
+    same_mask_threshold: float = 0.1  # SAME: adaptive activation score threshold
+
+
+@dataclass
+class MethodConfig:
+    """Which continual-learning method, and where its adapters go."""
+
+    name: str = "cram"  # cram | lora_ft | oracle | olora | moelora | hide | same
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora_rank: int = 8  # rank of a LoRA / one expert slot of the fixed-rank methods
+    cram: CramConfig = field(default_factory=CramConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and execution of every training stage."""
+
+    steps_per_task: int = 200  # optimizer steps per task (probe steps included)
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    eval_batch_size: int = 64
+    seed: int = 0
+    executor: Literal["local", "ray"] = "ray"  # local = one process; ray = stages as Ray tasks / Train runs
+    num_workers: int = 1  # Ray Train workers
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (0-3); -1 = plain torch DDP without DeepSpeed
+    checkpoint_every: int = 50  # steps between Train checkpoints
+    max_failures: int = 2  # Ray Train FailureConfig(max_failures)
+    stage_retries: int = 2  # Ray task retries per CPU stage
+    ray_address: Optional[str] = None  # None = connect to a running cluster if any, else start one locally
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (-1, 0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage: expected -1 or 0-3, got {self.zero_stage}")
+        if self.steps_per_task < 1 or self.batch_size < 1:
+            raise ConfigError("train.steps_per_task / batch_size: expected >= 1")
+
+
+@dataclass
+class TuneConfig:
+    """A Ray Tune study (workflows/tune.py)."""
+
+    num_samples: int = 4
+    searcher: Literal["optuna", "random"] = "optuna"
+    scheduler: Literal["asha", "none"] = "asha"
+    metric: str = "maa"  # objective reported after each task
+    mode: Literal["max", "min"] = "max"
+    param_budget: int = 0  # hard cap on parameters added (0 = none)
+    max_concurrent_trials: int = 1
+    cpus_per_trial: float = 1.0
+    search_space: dict[str, Any] = field(default_factory=dict)  # dotted key -> {type, values|low/high}
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking, from the driver only."""
+
+    enabled: bool = True
+    uri: Optional[str] = None  # None = sqlite file under the run's storage
+    experiment: str = "cram_ray"
+
+
+@dataclass
+class StreamConfig:
+    """Everything one continual stream needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: str = "runs"  # root of <storage>/<run_id>/task_<t>/<stage>/ (local path or URI)
+
+    def __post_init__(self) -> None:
+        if self.model.kind == "tiny" and self.data.benchmark is None:
+            if self.model.image_size != self.data.builtin.image_size:
+                raise ConfigError(
+                    f"model.image_size: expected to equal data.builtin.image_size={self.data.builtin.image_size}, "
+                    f"got {self.model.image_size}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for MLflow params and hashing."""
+        return flatten(self.to_dict())
+
+    def replace(self, **overrides: Any) -> "StreamConfig":
+        """A copy with dotted-key overrides applied (values already typed or YAML strings)."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return from_dict(raw)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "search_space":
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_hash(tree: Any) -> str:
+    """A short stable hash of any JSON-able tree (cache keys)."""
+    blob = json.dumps(tree, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently convert) one value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"config key '{key}': expected one of {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (valid keys here: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as err:
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}': {err}") from None
+
+
+def from_dict(raw: dict[str, Any]) -> StreamConfig:
+    """Build and validate a StreamConfig from a (possibly partial) nested dict."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    return _build(StreamConfig, raw)
+
+
+def _parse_scalar(text: str) -> Any:
+    """A --set value is read as YAML, so 2, true, null and [a, b] mean what they look like."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if not isinstance(child, dict):
+            raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override '{key}'")
+        node = child
+    if parts[-1] not in node:
+        raise ConfigError(
+            f"unknown config key '{key}' (valid keys here: {', '.join(sorted(node))})"
+        )
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['train.lr=1e-4', ...] -> {'train.lr': 1e-4, ...}."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key.path=value")
+        key, text = item.split("=", 1)
+        out[key.strip()] = _parse_scalar(text.strip())
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> StreamConfig:
+    """Load a YAML preset (or the defaults) and apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p}: not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+    base = from_dict(raw).to_dict()
+    for key, value in parse_overrides(overrides or []).items():
+        _set_dotted(base, key, value)
+    return from_dict(base)
+
+
+def dump_config(cfg: StreamConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Data: records, manifests, the built-in benchmark, shards."""
