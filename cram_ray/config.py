@@ -165,7 +165,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     eval_batch_size: int = 64
     seed: int = 0
-    executor: Literal["local", "ray"] = "ray"  # local = one process; ray = stages as Ray tasks / Train runs
+    executor: Literal["local", "ray"] = "local"  # local = one process; ray = stages as Ray tasks / Train runs
     num_workers: int = 1  # Ray Train workers
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
@@ -216,7 +216,7 @@ class StreamConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    storage: str = "runs"  # root of <storage>/<run_id>/task_<t>/<stage>/ (local path or URI)
+    storage: str = ""  # root of <storage>/<run_id>/task_<t>/<stage>/ (local path or URI); "" = the --out dir
 
     def __post_init__(self) -> None:
         if self.model.kind == "tiny" and self.data.benchmark is None:

@@ -1,0 +1,48 @@
+"""What the workflow scripts share: config resolution from flags, and one-line failures."""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+from typing import Callable
+
+from cram_ray.config import ConfigError, StreamConfig, load_config
+from cram_ray.data.records import DataError
+
+
+def resolve_config(args: argparse.Namespace) -> StreamConfig:
+    """--config + --set, then the shorthand flags (--benchmark, --method, --executor), then storage."""
+    overrides = list(getattr(args, "overrides", []) or [])
+    if getattr(args, "benchmark", None):
+        if not Path(args.benchmark).is_file():
+            raise ConfigError(f"--benchmark {args.benchmark}: manifest file not found")
+        overrides.append(f"data.benchmark={Path(args.benchmark).resolve()}")
+    if getattr(args, "method", None):
+        overrides.append(f"method.name={args.method}")
+    if getattr(args, "executor", None):
+        overrides.append(f"train.executor={args.executor}")
+    cfg = load_config(args.config, overrides)
+    if not cfg.storage and getattr(args, "out", None):
+        cfg = cfg.replace(**{"storage": str(Path(args.out).resolve())})
+    from cram_ray.methods import make_method  # validate the method name before any work
+
+    make_method(cfg)
+    return cfg
+
+
+def fail_cleanly(main: Callable[..., int]) -> Callable[..., int]:
+    """Bad input ends the program with one clear line on stderr and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except (ConfigError, DataError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except FileNotFoundError as err:
+            print(f"error: {err.filename or err}: file not found", file=sys.stderr)
+            return 2
+
+    return wrapper

@@ -1,0 +1,119 @@
+"""The training step every executor shares: route, forward, CE + method losses, backward, surgery.
+
+This module imports no Ray; the Ray Train worker (cram_ray/train/worker.py) wraps the same
+functions around a DeepSpeed engine.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from cram_ray.methods.base import Batch, ContinualMethod
+
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
+
+
+def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """The part of a batch the VLM's forward takes."""
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}
+
+
+def cosine_lambda(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to zero, as a LambdaLR factor."""
+    warmup = max(1, int(math.ceil(warmup_ratio * total_steps))) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if not params:
+        raise ValueError("the method exposes no trainable parameters for this phase")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def compute_loss(model: nn.Module, method: ContinualMethod, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward one batch with the method's routing; CE plus the method's extra terms."""
+    method.route(batch, training=True)
+    out = model(**model_inputs(batch))
+    loss = out.loss
+    logs = {"ce": float(out.loss.detach())}
+    for name, term in method.extra_losses(batch, out).items():
+        loss = loss + term
+        logs[name] = float(term.detach())
+    return loss, logs
+
+
+def fit_steps(
+    model: nn.Module,
+    method: ContinualMethod,
+    batches: Iterator[Batch],
+    steps: int,
+    *,
+    lr: float,
+    warmup_ratio: float = 0.0,
+    weight_decay: float = 0.0,
+    observe: Optional[Callable[[Batch], None]] = None,
+    log_every: int = 50,
+    log: Callable[[str], None] = print,
+    start_step: int = 0,
+    optimizer_state: Optional[dict[str, Any]] = None,
+    on_step: Optional[Callable[[int, torch.optim.Optimizer], None]] = None,
+) -> dict[str, float]:
+    """Run ``steps`` optimizer steps over ``method.trainable_parameters()``; returns mean losses.
+
+    ``observe`` sees every batch (e.g. the probe's feature statistics). ``start_step`` and
+    ``optimizer_state`` resume a run from a checkpoint; ``on_step(step, optimizer)`` is called after
+    every step (checkpointing).
+    """
+    params = method.trainable_parameters()
+    optimizer = make_optimizer(params, lr, weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(steps, warmup_ratio))
+    for _ in range(start_step):
+        schedule.step()
+    model.train()
+    totals: dict[str, float] = {}
+    count = 0
+    for step in range(start_step, steps):
+        batch = next(batches)
+        if observe is not None:
+            with torch.no_grad():
+                observe(batch)
+        loss, logs = compute_loss(model, method, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        method.before_optimizer_step(step)
+        optimizer.step()
+        schedule.step()
+        for k, v in logs.items():
+            totals[k] = totals.get(k, 0.0) + v
+        count += 1
+        if log_every and (step + 1) % log_every == 0:
+            log(f"  step {step + 1}/{steps} " + " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
+        if on_step is not None:
+            on_step(step + 1, optimizer)
+    model.eval()
+    return {k: v / max(1, count) for k, v in totals.items()}
+
+
+def cycle(make_epoch: Callable[[int], Iterable[Batch]]) -> Iterator[Batch]:
+    """Endless batches: epoch e is ``make_epoch(e)`` (reshuffled per epoch by the caller)."""
+    epoch = 0
+    while True:
+        produced = False
+        for batch in make_epoch(epoch):
+            produced = True
+            yield batch
+        if not produced:
+            raise ValueError("the training data produced no batch")
+        epoch += 1

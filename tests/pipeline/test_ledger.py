@@ -1,0 +1,62 @@
+"""The ledger is the only truth about progress: markers verify checksums and are written last."""
+import json
+
+from cram_ray.pipeline.ledger import MARKER, Ledger, StageResult, Storage
+
+
+def _stage_dir(tmp_path, files):
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    for name, data in files.items():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_bytes(data)
+    return work
+
+
+def test_commit_then_verify_roundtrips_result(tmp_path):
+    ledger = Ledger(Storage(str(tmp_path / "store")), "run1")
+    work = _stage_dir(tmp_path, {"state.safetensors": b"abc", "sub/p.jsonl": b"{}\n"})
+    result = StageResult("train", 3, {"loss": {"ce": 0.5}}, seconds=2.0, startup_seconds=0.5)
+    ledger.commit(result, work)
+    assert (tmp_path / "store/run1/task_3/train/sub/p.jsonl").read_bytes() == b"{}\n"
+    assert ledger.verify(3, "train") == result
+    assert ledger.verify(3, "evaluate") is None
+
+
+def test_corrupted_or_missing_output_invalidates(tmp_path):
+    ledger = Ledger(Storage(str(tmp_path / "store")), "run1")
+    ledger.commit(StageResult("probe", 0), _stage_dir(tmp_path, {"a.bin": b"123"}))
+    target = tmp_path / "store/run1/task_0/probe/a.bin"
+    target.write_bytes(b"124")
+    assert ledger.verify(0, "probe") is None
+    target.unlink()
+    assert ledger.verify(0, "probe") is None
+
+
+def test_truncated_marker_is_not_done(tmp_path):
+    ledger = Ledger(Storage(str(tmp_path / "store")), "run1")
+    ledger.commit(StageResult("probe", 0), _stage_dir(tmp_path, {"a.bin": b"1"}))
+    marker = tmp_path / "store/run1/task_0/probe" / MARKER
+    marker.write_text(marker.read_text()[:10])
+    assert ledger.verify(0, "probe") is None
+
+
+def test_invalidate_removes_only_the_marker(tmp_path):
+    ledger = Ledger(Storage(str(tmp_path / "store")), "r")
+    ledger.commit(StageResult("allocate", 1), _stage_dir(tmp_path, {"a.bin": b"1"}))
+    ledger.invalidate(1, "allocate")
+    assert ledger.verify(1, "allocate") is None
+    assert (tmp_path / "store/r/task_1/allocate/a.bin").exists()
+
+
+def test_run_wide_stage_lives_at_run_root(tmp_path):
+    ledger = Ledger(Storage(str(tmp_path / "store")), "r")
+    ledger.commit(StageResult("data", -1, {"tasks": []}), _stage_dir(tmp_path, {"index.json": b"[]"}))
+    marker = json.loads((tmp_path / "store/r/data" / MARKER).read_text())
+    assert marker["files"] and ledger.verify(-1, "data").metrics == {"tasks": []}
+
+
+def test_storage_accepts_file_uri(tmp_path):
+    storage = Storage(f"file://{tmp_path}/s")
+    storage.write_bytes_atomic("x/y.txt", b"hi")
+    assert storage.read_bytes("x/y.txt") == b"hi" and storage.exists("x")
