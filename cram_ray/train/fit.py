@@ -1,0 +1,348 @@
+"""Data-parallel optimizer steps of a method: DeepSpeed ZeRO 0-3, or plain torch gradient all-reduce.
+
+:func:`engine_fit` is the distributed twin of ``loop.fit_steps``: the same step (``loop.compute_loss``,
+backward, ``method.before_optimizer_step``, AdamW, warm-up + cosine LR) on a process group that
+already exists (Ray Train creates it; tests create a one-rank gloo group). On one rank its updates
+are bit-identical to ``fit_steps`` (tests/train/test_fit.py): ZeRO's flat fp32 partitions run the
+same element-wise AdamW arithmetic.
+
+Gradient surgery (``before_optimizer_step``) needs whole gradients, which ZeRO keeps in its own
+partitioned buffers after backward: for methods that override the hook, the full gradient of every
+trainable parameter is assembled into ``p.grad`` (a collective, on every rank), the hook edits it,
+and the result is written back. Methods that don't override it pay nothing.
+
+Checkpoints (:class:`FitCheckpoint`) are directories: the trainable parameters as safetensors and
+the progress as JSON (ours), plus the optimizer state: DeepSpeed's own checkpoint (Adam moments,
+fp32 master partitions, LR scheduler; DeepSpeed's torch-serialised files, one per rank) on the
+DeepSpeed path, or AdamW's state as safetensors + JSON on the plain path. No Ray import here.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cram_ray.config import TrainConfig
+from cram_ray.methods.base import Batch, ContinualMethod
+from cram_ray.train.loop import compute_loss, cosine_lambda, make_optimizer
+from cram_ray.train.zero import deepspeed_config, optimizer_factory, schedule_factory, uses_deepspeed
+
+PARAMS_FILE = "trainable.safetensors"
+PROGRESS_FILE = "progress.json"
+OPTIM_TENSORS = "optimizer.safetensors"
+OPTIM_META = "optimizer.json"
+DS_DIR = "deepspeed"
+DS_TAG = "fit"
+
+
+def default_extensions_dir() -> str:
+    """A persistent home for DeepSpeed's JIT-built ops (the first build takes ~90 s)."""
+    return str(Path(sys.prefix) / "torch_extensions")
+
+
+def import_deepspeed():
+    """Import DeepSpeed with its op cache in a persistent directory (not /tmp)."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
+    import deepspeed
+
+    return deepspeed
+
+
+def overrides_surgery(method: ContinualMethod) -> bool:
+    """Whether the method edits gradients between backward and the optimizer step."""
+    return type(method).before_optimizer_step is not ContinualMethod.before_optimizer_step
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class StepModule(nn.Module):
+    """The model and the method's loss as one module: ``forward(batch) -> (loss, logs)``.
+
+    DeepSpeed wraps this module, so its forward is exactly ``loop.compute_loss``. Trainable
+    parameters the method holds outside the model (e.g. a routing centroid) are registered here
+    so ZeRO treats them like any other parameter.
+    """
+
+    def __init__(self, model: nn.Module, method: ContinualMethod, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method  # not a module: plain attribute
+        inside = {id(p) for p in model.parameters()}
+        for i, p in enumerate(q for q in params if id(q) not in inside):
+            self.register_parameter(f"extra_{i}", p)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        return compute_loss(self.model, self.method, batch)
+
+
+def param_names(model: nn.Module, params: list[nn.Parameter]) -> list[str]:
+    """Stable names of ``params``: their model path, or ``extra.<i>`` for parameters outside it."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    names, extra = [], 0
+    for p in params:
+        if id(p) in by_id:
+            names.append(by_id[id(p)])
+        else:
+            names.append(f"extra.{extra}")
+            extra += 1
+    return names
+
+
+@dataclass
+class FitProgress:
+    """Where a fit stands: JSON-able, saved with every checkpoint."""
+
+    step: int = 0
+    steps: int = 0
+    totals: dict[str, float] = field(default_factory=dict)  # summed per-step logs (rank-averaged)
+    count: int = 0
+    world_size: int = 1
+    zero_stage: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "FitProgress":
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+class Stepper:
+    """One data-parallel optimizer over ``method.trainable_parameters()`` for ``steps`` steps."""
+
+    def __init__(self, model: nn.Module, method: ContinualMethod, steps: int, train: TrainConfig,
+                 *, dtype: str = "float32") -> None:
+        self.model = model
+        self.method = method
+        self.train = train
+        self.steps = steps
+        self.rank, self.world_size = world()
+        self.params = method.trainable_parameters()
+        if not self.params:
+            raise ValueError("the method exposes no trainable parameters for this phase")
+        self.names = param_names(model, self.params)
+        self.module = StepModule(model, method, self.params)
+        self.surgery = overrides_surgery(method)
+        self.deepspeed = uses_deepspeed(train)
+        if self.deepspeed:
+            ds = import_deepspeed()
+            self.engine, _, _, _ = ds.initialize(
+                model=self.module, model_parameters=self.params,
+                optimizer=optimizer_factory(train), lr_scheduler=schedule_factory(train, steps),
+                config=deepspeed_config(train, world_size=self.world_size, dtype=dtype),
+            )
+        else:
+            self.optimizer = make_optimizer(self.params, train.lr, train.weight_decay)
+            self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_lambda(steps, train.warmup_ratio))
+
+    # -- one step ----------------------------------------------------------------------------
+    def step(self, batch: Batch, step: int) -> dict[str, float]:
+        """Forward, backward, surgery, optimizer + LR step; returns this rank's loss terms."""
+        if self.deepspeed:
+            loss, logs = self.engine(batch)
+            self.engine.backward(loss)
+            if self.surgery:
+                self._surgery_zero(step)
+            self.engine.step()
+            return logs
+        loss, logs = self.module(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._all_reduce_grads()
+        self.method.before_optimizer_step(step)
+        self.optimizer.step()
+        self.schedule.step()
+        return logs
+
+    def _all_reduce_grads(self) -> None:
+        """Average the gradients over the ranks (one flat all-reduce; plain data parallel)."""
+        if self.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p, g in zip(self.params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+    def _surgery_zero(self, step: int) -> None:
+        from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+        if self.train.zero_stage == 0:  # no ZeRO: DeepSpeed leaves the averaged gradients in p.grad
+            self.method.before_optimizer_step(step)
+            return
+        for p in self.params:  # collective: same order on every rank
+            p.grad = safe_get_full_grad(p).clone()
+        self.method.before_optimizer_step(step)
+        for p in self.params:
+            grad, p.grad = p.grad, None
+            safe_set_full_grad(p, grad)
+
+    def whole(self):
+        """Context in which ZeRO-3's partitioned parameters are whole (a collective: every rank)."""
+        if self.deepspeed and self.train.zero_stage == 3:
+            return import_deepspeed().zero.GatheredParameters(list(self.module.parameters()))
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        """Hand the model back as plain torch: DeepSpeed's hooks removed, ZeRO-3 parameters whole."""
+        if not self.deepspeed:
+            return
+        if self.train.zero_stage == 3:
+            params = list(self.module.parameters())
+            with self.whole():
+                full = [p.data.clone() for p in params]
+            self.engine.destroy()
+            for p, data in zip(params, full):
+                p.data = data
+        else:
+            self.engine.destroy()
+
+    def lr(self) -> float:
+        sched = self.engine.lr_scheduler if self.deepspeed else self.schedule
+        return float(sched.get_last_lr()[0])
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save(self, directory: Path, progress: FitProgress) -> None:
+        """Write a checkpoint into ``directory`` (a rank-local dir). EVERY rank must call this."""
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.deepspeed:
+            # DeepSpeed's save is a collective; the frozen base is not part of the checkpoint
+            self.engine.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
+        with self.whole():
+            tensors = {n: p.detach().contiguous().cpu().clone() for n, p in zip(self.names, self.params)}
+        if self.rank == 0:
+            save_file(tensors, str(directory / PARAMS_FILE))
+            if not self.deepspeed:
+                save_adamw(self.optimizer, directory)
+            (directory / PROGRESS_FILE).write_text(json.dumps(progress.to_json(), indent=1, sort_keys=True))
+
+    def load(self, directory: Path, progress: FitProgress) -> None:
+        """Restore parameters and optimizer state from :meth:`save`'s files (every rank)."""
+        tensors = load_file(str(directory / PARAMS_FILE))
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise ValueError(f"{directory / PARAMS_FILE}: no tensor for trainable parameter(s) {missing[:3]}")
+        same_layout = progress.world_size == self.world_size and progress.zero_stage == self.train.zero_stage
+        if self.deepspeed and same_layout and (directory / DS_DIR).is_dir():
+            self.engine.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG, load_module_strict=False,
+                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+        else:
+            with self.whole(), torch.no_grad():
+                for n, p in zip(self.names, self.params):
+                    p.copy_(tensors[n].to(p.dtype))
+            if self.deepspeed:  # different layout: fresh optimizer state, schedule fast-forwarded
+                for _ in range(progress.step):
+                    self.engine.lr_scheduler.step()
+            else:
+                if (directory / OPTIM_TENSORS).is_file() and same_layout:
+                    load_adamw(self.optimizer, directory)
+                for _ in range(progress.step):
+                    self.schedule.step()
+
+
+def save_adamw(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """AdamW state as safetensors (moments, step counts) + JSON (param groups): no pickle."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for idx, slots in state["state"].items():
+        for key, value in slots.items():
+            tensors[f"{idx}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    save_file(tensors, str(directory / OPTIM_TENSORS))
+    (directory / OPTIM_META).write_text(json.dumps({"param_groups": state["param_groups"]}, sort_keys=True))
+
+
+def load_adamw(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    tensors = load_file(str(directory / OPTIM_TENSORS))
+    groups = json.loads((directory / OPTIM_META).read_text())["param_groups"]
+    for group in groups:  # JSON has no tuples
+        group.update({k: tuple(v) for k, v in group.items() if k != "params" and isinstance(v, list)})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def reduce_logs(totals: dict[str, float], count: int) -> dict[str, float]:
+    """Mean of the per-step logs over the steps and the ranks (a collective when distributed)."""
+    keys = sorted(totals)
+    rank, size = world()
+    if size > 1 and keys:
+        vec = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(vec)
+        totals = {k: float(v) / size for k, v in zip(keys, vec)}
+    return {k: totals[k] / max(1, count) for k in keys}
+
+
+def engine_fit(
+    model: nn.Module,
+    method: ContinualMethod,
+    batches: Iterator[Batch],
+    steps: int,
+    train: TrainConfig,
+    *,
+    dtype: str = "float32",
+    observe: Optional[Callable[[Batch], None]] = None,
+    log: Callable[[str], None] = print,
+    log_every: int = 50,
+    resume: Optional[Path] = None,
+    checkpoint: Optional[Callable[[Stepper, FitProgress], None]] = None,
+) -> dict[str, float]:
+    """``steps`` data-parallel optimizer steps; returns the mean loss terms (over steps and ranks).
+
+    Args:
+        batches: this rank's batches (``train.batch_size / world_size`` samples each).
+        observe: sees every batch before its step (no grad), like ``fit_steps``.
+        resume: a directory :meth:`Stepper.save` wrote; the fit continues at its step. ``batches``
+            must then start at that step's batch (the caller skips what was consumed).
+        checkpoint: ``(stepper, progress)`` after every step; the caller decides whether to save
+            (every rank must make the same decision: saving is a collective).
+    """
+    stepper = Stepper(model, method, steps, train, dtype=dtype)
+    progress = FitProgress(steps=steps, world_size=stepper.world_size, zero_stage=train.zero_stage)
+    if resume is not None:
+        saved = FitProgress.from_json(json.loads((resume / PROGRESS_FILE).read_text()))
+        if saved.steps != steps:
+            raise ValueError(f"{resume}: checkpoint of a {saved.steps}-step fit, this fit has {steps} steps")
+        stepper.load(resume, saved)
+        progress.step, progress.totals, progress.count = saved.step, dict(saved.totals), saved.count
+    model.train()
+    for step in range(progress.step, steps):
+        batch = next(batches)
+        if observe is not None:
+            with torch.no_grad():
+                observe(batch)
+        logs = stepper.step(batch, step)
+        for k, v in logs.items():
+            progress.totals[k] = progress.totals.get(k, 0.0) + v
+        progress.count += 1
+        progress.step = step + 1
+        if log_every and progress.step % log_every == 0 and stepper.rank == 0:
+            log(f"  step {progress.step}/{steps} " + " ".join(f"{k}={v:.4f}" for k, v in logs.items())
+                + f" lr={stepper.lr():.2e}")
+        if checkpoint is not None:
+            checkpoint(stepper, progress)
+    stepper.close()
+    model.eval()
+    if any(math.isnan(v) for v in progress.totals.values()):
+        log("  warning: a loss term was NaN")
+    return reduce_logs(progress.totals, progress.count)

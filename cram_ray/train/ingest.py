@@ -1,0 +1,264 @@
+"""Ray Data ingest of a task's training shards: the in-process batch order, streamed to Train workers.
+
+The in-process stages draw a task's training batches from ``stages.train_stream``: per epoch ``e``
+a permutation ``default_rng([seed, task, e, len(salt)])`` of the records (in ``read_shards`` order),
+cut into full batches of ``min(batch_size, n)``; the probe and the train stage each start at epoch 0.
+:class:`StreamPlan` reproduces that sequence as data: every record is expanded into one row per
+place it takes in the stream (``seq``), the rows are sorted by ``seq`` (a Ray Data sort: a seeded
+global shuffle that happens to equal the local one), decoded and tokenised in ``map_batches``,
+and each data-parallel rank receives, via :class:`RankSplit`, the rows of its share of every
+global batch (``dp_rank``). One worker therefore trains on exactly the local batches; W workers
+each take ``batch_size / W`` consecutive samples of every local batch. The driver never reads the
+data: only each shard's ``id`` column is read, where the plan is built (``id -> position``).
+
+Padding happens per micro-batch in the worker (:func:`collate_train`), exactly as
+``VLMProcessor.train_batch`` pads a batch (tests/train/test_ingest.py checks equality).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cram_ray.data.records import DataError, Record
+from cram_ray.pipeline.ledger import Storage
+
+SHARD_GLOB = "part-*.parquet"
+PLAN_COLUMNS = ("seq", "phase", "step", "dp_rank", "shared")
+
+
+# -- where the rows are ------------------------------------------------------------------------
+def shard_paths(storage: Storage, rel: str) -> list[str]:
+    """The split's shard files in ``read_shards`` order (sorted names), as paths of ``storage.fs``."""
+    import pyarrow.fs as pafs
+
+    selector = pafs.FileSelector(storage.path(rel), recursive=False)
+    infos = [i for i in storage.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    paths = sorted(i.path for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+    if not paths:
+        raise DataError(f"{storage.path(rel)}: no shards (expected {SHARD_GLOB} files)")
+    return paths
+
+
+def shard_ids(storage: Storage, paths: Sequence[str]) -> list[str]:
+    """The ``id`` column of every shard, in order (the only column the planner reads)."""
+    import pyarrow.parquet as pq
+
+    ids: list[str] = []
+    for path in paths:
+        ids.extend(pq.read_table(path, columns=["id"], filesystem=storage.fs).column("id").to_pylist())
+    return ids
+
+
+def positions_of(ids: Sequence[str], where: str) -> dict[str, int]:
+    """``id -> position``; ids must be unique within a split to locate rows in a distributed read."""
+    pos = {rid: i for i, rid in enumerate(ids)}
+    if len(pos) != len(ids):
+        seen: set[str] = set()
+        dup = next(r for r in ids if r in seen or seen.add(r))
+        raise DataError(f"{where}: record id {dup!r} appears twice (ids must be unique within a task's split)")
+    return pos
+
+
+# -- the batch order -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Phase:
+    name: str  # "probe" | "train"
+    steps: int  # optimizer steps of the phase
+    salt: str  # the salt stages.train_stream was given for this phase
+    shared: bool = False  # every rank receives the whole global batch (the probe observes all of it)
+
+
+@dataclass
+class StreamPlan:
+    """The sequence of training samples of one task's fused run, as the in-process stages draw it."""
+
+    n: int  # records in the split
+    batch_size: int  # global batch (train.batch_size capped at n, as train_stream does)
+    world_size: int
+    seed: int
+    task: int
+    phases: list[Phase] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.phases = [p if isinstance(p, Phase) else Phase(**p) for p in self.phases]
+        if self.batch_size % self.world_size:
+            raise DataError(
+                f"task {self.task}: a batch of {self.batch_size} samples does not split over {self.world_size} workers"
+            )
+
+    @classmethod
+    def build(cls, *, n: int, batch_size: int, world_size: int, seed: int, task: int,
+              phases: Sequence[Phase]) -> "StreamPlan":
+        if n < 1:
+            raise DataError(f"task {task}: the training split is empty")
+        return cls(n, min(batch_size, n), world_size, seed, task, list(phases))
+
+    @property
+    def micro(self) -> int:
+        return self.batch_size // self.world_size
+
+    @property
+    def per_epoch(self) -> int:
+        return self.n - self.n % self.batch_size  # full batches only
+
+    def epoch_order(self, epoch: int, salt: str) -> np.ndarray:
+        """Positions of epoch ``epoch``'s samples, in stream order (= stages.train_stream)."""
+        rng = np.random.default_rng([self.seed, self.task, epoch, len(salt)])
+        return rng.permutation(self.n)[: self.per_epoch]
+
+    def rows_of(self, phase: int) -> int:
+        return self.phases[phase].steps * self.batch_size
+
+    def offset(self, phase: int) -> int:
+        return sum(self.rows_of(i) for i in range(phase))
+
+    def assignments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(position, seq) of every planned sample, ``seq`` = place in the fused run's stream."""
+        pos_parts, seq_parts = [], []
+        for k, phase in enumerate(self.phases):
+            rows = self.rows_of(k)
+            epochs = math.ceil(rows / self.per_epoch) if rows else 0
+            order = np.concatenate([self.epoch_order(e, phase.salt) for e in range(epochs)])[:rows] if epochs else \
+                np.zeros(0, dtype=np.int64)
+            pos_parts.append(order.astype(np.int64))
+            seq_parts.append(self.offset(k) + np.arange(rows, dtype=np.int64))
+        if not pos_parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(pos_parts), np.concatenate(seq_parts)
+
+    def columns_for(self, seq: np.ndarray) -> dict[str, np.ndarray]:
+        """The plan columns of samples ``seq``: phase index, step within the phase, data-parallel rank."""
+        bounds = np.cumsum([self.rows_of(k) for k in range(len(self.phases))])
+        phase = np.searchsorted(bounds, seq, side="right")
+        within = seq - np.concatenate([[0], bounds])[phase]
+        shared = np.array([p.shared for p in self.phases] + [False], dtype=np.int64)
+        return {
+            "seq": seq, "phase": phase.astype(np.int64), "step": within // self.batch_size,
+            "dp_rank": (within % self.batch_size) // self.micro, "shared": shared[phase],
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "StreamPlan":
+        return cls(**raw)
+
+
+def expand_rows(table: pa.Table, plan_json: dict[str, Any], positions: dict[str, int]) -> pa.Table:
+    """Ray Data flat-map: every record becomes one row per place it takes in the planned stream."""
+    plan = StreamPlan.from_json(plan_json)
+    pos, seq = _plan_index(json.dumps(plan_json, sort_keys=True))
+    ids = table.column("id").to_pylist()
+    take, seqs = [], []
+    for row, rid in enumerate(ids):
+        p = positions[rid]
+        lo, hi = np.searchsorted(pos, p, side="left"), np.searchsorted(pos, p, side="right")
+        for s in seq[lo:hi]:
+            take.append(row)
+            seqs.append(s)
+    out = table.take(pa.array(take, type=pa.int64()))
+    cols = plan.columns_for(np.asarray(seqs, dtype=np.int64))
+    for name in PLAN_COLUMNS:
+        out = out.append_column(name, pa.array(cols[name], type=pa.int64()))
+    return out
+
+
+@lru_cache(maxsize=4)
+def _plan_index(plan_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(positions sorted, their seq) of a plan: each map task builds it once."""
+    pos, seq = StreamPlan.from_json(json.loads(plan_key)).assignments()
+    order = np.argsort(pos, kind="stable")
+    return pos[order], seq[order]
+
+
+def select_rank(table: pa.Table, rank: int) -> pa.Table:
+    """Ray Data filter: the rows of one data-parallel rank (its share, plus every shared row)."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.or_(pc.equal(table.column("dp_rank"), rank), pc.equal(table.column("shared"), 1)))
+
+
+# -- decode + tokenise (map_batches) and padding (worker) ---------------------------------------
+@lru_cache(maxsize=2)
+def processor_from(source: str) -> Any:
+    """The VLM processor a Ray Data task needs, built once per process.
+
+    ``source`` is JSON: ``{"settings": ...}`` (the compact processor's own JSON, cheap) or
+    ``{"ctx": ...}`` (a checkpoint's processor: the stage runtime is built in this process).
+    """
+    raw = json.loads(source)
+    if raw.get("settings") is not None:
+        from cram_ray.models.vlm import compact_processor_from_settings
+
+        return compact_processor_from_settings(raw["settings"])
+    from cram_ray.pipeline.context import StageContext, runtime
+
+    return runtime(StageContext.from_json(raw["ctx"])).vlm.processor
+
+
+def records_of(batch: dict[str, np.ndarray]) -> list[Record]:
+    n = len(batch["id"])
+    return [Record(str(batch["id"][i]), str(batch["task"][i]), _bytes_or_none(batch["image"][i]),
+                   str(batch["instruction"][i]), str(batch["answer"][i]), str(batch["metric"][i])) for i in range(n)]
+
+
+def _bytes_or_none(value: Any) -> Optional[bytes]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return bytes(value)
+
+
+def encode_rows(batch: dict[str, np.ndarray], source: str, task: int) -> dict[str, np.ndarray]:
+    """Ray Data map_batches: records -> unpadded token ids + pixels (one row per sample)."""
+    processor = processor_from(source)
+    recs = records_of(batch)
+    encoded = [processor.encode(r, with_answer=True) for r in recs]
+    out = {k: batch[k] for k in PLAN_COLUMNS if k in batch}
+    out.update({
+        "prompt_ids": _ragged([e.prompt for e in encoded]),
+        "target_ids": _ragged([e.target for e in encoded]),
+        "pixel_values": processor.pixel_values([r.image for r in recs]).float().numpy(),  # bf16 has no numpy type
+        "task_index": np.full(len(recs), task, dtype=np.int64),
+        "has_image": np.array([r.image is not None for r in recs], dtype=bool),
+        "instruction": np.array([r.instruction for r in recs], dtype=object),
+    })
+    return out
+
+
+def _ragged(rows: list[list[int]]) -> np.ndarray:
+    out = np.empty(len(rows), dtype=object)
+    for i, r in enumerate(rows):
+        out[i] = np.asarray(r, dtype=np.int64)
+    return out
+
+
+def collate_train(batch: dict[str, np.ndarray], *, pad_id: int, pixel_dtype: torch.dtype = torch.float32,
+                  ignore_index: int = -100) -> dict[str, Any]:
+    """Encoded rows -> the batch ``VLMProcessor.train_batch`` builds (right padding, answer labels)."""
+    prompts = [np.asarray(p, dtype=np.int64) for p in batch["prompt_ids"]]
+    targets = [np.asarray(t, dtype=np.int64) for t in batch["target_ids"]]
+    n = len(prompts)
+    length = max(len(p) + len(t) for p, t in zip(prompts, targets))
+    ids = torch.full((n, length), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    labels = torch.full((n, length), ignore_index, dtype=torch.long)
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        seq = torch.from_numpy(np.concatenate([p, t]))
+        ids[i, : len(seq)] = seq
+        mask[i, : len(seq)] = 1
+        labels[i, len(p): len(seq)] = torch.from_numpy(t)
+    return {
+        "input_ids": ids, "attention_mask": mask, "labels": labels,
+        "pixel_values": torch.from_numpy(np.ascontiguousarray(np.stack(list(batch["pixel_values"])))).to(pixel_dtype),
+        "task_index": torch.as_tensor(np.asarray(batch["task_index"], dtype=np.int64)),
+        "has_image": torch.as_tensor(np.asarray(batch["has_image"], dtype=bool)),
+        "instruction": [str(s) for s in batch["instruction"]],
+    }

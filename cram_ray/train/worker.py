@@ -1,0 +1,282 @@
+"""The Ray Train worker of a fused run: a task's probe -> allocate -> train in one TorchTrainer.
+
+Every rank runs :func:`train_loop_per_worker`. For each sub-stage of the run, in order:
+
+1. rank 0 checks the ledger; a sub-stage whose ``_DONE.json`` verifies (committed by an earlier
+   attempt of this run) is skipped by every rank (the decision is broadcast, so ranks agree);
+2. every rank restores the model and method exactly as ``stages.restore`` does for that stage
+   (fresh base copy, adapters attached, the previous stage's state loaded from storage);
+3. the stage body is the in-process one (``stages.run_probe`` / ``run_allocate`` / ``run_train``),
+   given a DeepSpeed-driven ``fit`` (cram_ray/train/fit.py) and this rank's batches from the
+   Ray Data shard (``ray.train.get_dataset_shard("train")``, planned by cram_ray/train/ingest.py);
+4. rank 0 saves the state (safetensors + JSON) and commits it with its marker through
+   ``Ledger.commit``, then all ranks meet at a barrier before the next sub-stage restores it.
+
+Inside probe and train, every ``train.checkpoint_every`` steps all ranks save a checkpoint
+(DeepSpeed's save is a collective; CONVENTIONS #6) and report it with ``ray.train.report``. After
+a worker failure, Ray Train restarts the group; the new attempt skips committed sub-stages and
+resumes the interrupted one from ``ray.train.get_checkpoint()`` when the checkpoint's sub-stage and
+inputs (the checksums of the state it started from) match.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cram_ray.methods.base import Batch, ContinualMethod
+from cram_ray.pipeline.context import StageContext, runtime
+from cram_ray.pipeline.ledger import StageResult
+from cram_ray.train.fit import FitProgress, Stepper, engine_fit
+from cram_ray.train.ingest import StreamPlan, collate_train
+
+FUSED_STAGES = ("probe", "allocate", "train")
+FIT_PHASES = {"probe": 0, "train": 1}  # sub-stage -> phase index of the StreamPlan
+CKPT_META = "fused.json"
+FAULT_KEY = "fault"  # train_loop_config key: {"stage", "step", "rank", "flag"}: crash once (tests)
+
+
+# -- the data of this rank -------------------------------------------------------------------
+class RowStream:
+    """This rank's encoded rows, one micro-batch at a time, addressed by (phase, step)."""
+
+    def __init__(self, micro_batches: Iterator[dict[str, np.ndarray]]) -> None:
+        self._it = iter(micro_batches)
+        self._head: Optional[dict[str, np.ndarray]] = None
+
+    def _peek(self) -> Optional[dict[str, np.ndarray]]:
+        if self._head is None:
+            self._head = next(self._it, None)
+        return self._head
+
+    def take(self, phase: int, step: int) -> list[dict[str, np.ndarray]]:
+        """The micro-batches of ``(phase, step)``; earlier rows (already trained on) are skipped."""
+        out = []
+        while True:
+            rows = self._peek()
+            if rows is None:
+                break
+            key = (int(rows["phase"][0]), int(rows["step"][0]))
+            if int(rows["phase"][-1]) != key[0] or int(rows["step"][-1]) != key[1]:
+                raise RuntimeError(f"a micro-batch straddles two steps: {key} .. "
+                                   f"{(int(rows['phase'][-1]), int(rows['step'][-1]))}")
+            if key > (phase, step):
+                break
+            self._head = None
+            if key == (phase, step):
+                out.append(rows)
+        if not out:
+            raise RuntimeError(f"the data stream has no rows for phase {phase} step {step}")
+        return out
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+class PhaseBatches:
+    """The batches one sub-stage's ``fit`` consumes: this rank's share of every step's batch.
+
+    In a shared phase (the probe with several ranks) the rank holds the whole global batch: it
+    trains on its own share and ``observer`` sees the whole batch, as in the in-process loop.
+    """
+
+    def __init__(self, stream: RowStream, phase: int, *, rank: int, shared: bool, start: int,
+                 collate: Callable[[dict[str, np.ndarray]], Batch], features: Callable[[Batch], Batch]) -> None:
+        self.stream, self.phase, self.rank, self.shared = stream, phase, rank, shared
+        self.step = start
+        self.collate, self.features = collate, features
+        self.observer: Optional[Callable[[Batch], None]] = None
+
+    def __iter__(self) -> "PhaseBatches":
+        return self
+
+    def __next__(self) -> Batch:
+        parts = self.stream.take(self.phase, self.step)
+        self.step += 1
+        if self.shared:
+            if self.observer is not None:
+                with torch.no_grad():
+                    self.observer(self.features(self.collate(_concat(parts))))
+            mine = parts[self.rank]
+        else:
+            if len(parts) != 1:
+                raise RuntimeError(f"expected one micro-batch per step, got {len(parts)}")
+            mine = parts[0]
+            if self.observer is not None:
+                with torch.no_grad():
+                    self.observer(self.features(self.collate(mine)))
+        return self.features(self.collate(mine))
+
+
+# -- ranks agree -----------------------------------------------------------------------------
+def broadcast_json(value: Any) -> Any:
+    """Rank 0's JSON-able ``value`` on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [json.dumps(value) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return json.loads(box[0])
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def input_fingerprint(ctx: StageContext, task: int, stage: str) -> Optional[str]:
+    """Checksums of the state a sub-stage starts from: a checkpoint is only resumed on the same inputs."""
+    from cram_ray.pipeline.stages import previous_state_rel
+
+    rel = previous_state_rel(ctx, task, stage)
+    if rel is None:
+        return None
+    marker = ctx.storage.read_bytes(f"{rel}/_DONE.json") if ctx.storage.exists(f"{rel}/_DONE.json") else b""
+    files = json.loads(marker).get("files", {}) if marker else {}
+    return hashlib.sha256(json.dumps([rel, files], sort_keys=True).encode()).hexdigest()
+
+
+# -- the loop --------------------------------------------------------------------------------
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point of a fused run (see the module docstring). ``config`` is JSON-able."""
+    import ray.train
+
+    from cram_ray.pipeline.stages import restore, run_allocate, run_probe, run_train, save_state, with_features
+
+    t_start = time.time()
+    ctx = StageContext.from_json(config["ctx"])
+    task = int(config["task"])
+    stages = list(config["stages"])
+    plan = StreamPlan.from_json(config["plan"])
+    train_ctx = ray.train.get_context()
+    rank, world_size = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    if world_size != plan.world_size:
+        raise RuntimeError(f"the data was planned for {plan.world_size} workers, the run has {world_size}")
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    rt = runtime(ctx)
+    processor = rt.vlm.processor
+    pixel_dtype = next(rt.vlm.model.parameters()).dtype
+    shard = ray.train.get_dataset_shard("train")
+    stream = RowStream(shard.iter_batches(batch_size=plan.micro, batch_format="numpy", prefetch_batches=2))
+    resume = _resume_point(ray.train.get_checkpoint())
+    startup = time.time() - t_start
+    log = _logger(ctx, task, rank)
+    log(f" worker {rank}/{world_size} ready in {startup:.1f}s (resume: {resume and resume['meta']})")
+    timings: dict[str, float] = {"worker_startup": startup}
+
+    for stage in stages:
+        done = broadcast_json(ctx.ledger.verify(task, stage) is not None if rank == 0 else None)
+        if done:
+            log(f" {stage}: committed by an earlier attempt, skipped")
+            continue
+        t0 = time.time()
+        scratch = Path(tempfile.mkdtemp(prefix=f"cram-fused-{task}-{stage}-"))
+        try:
+            model, method = restore(ctx, task, stage, rt, scratch)
+            t_restored = time.time()
+            fingerprint = input_fingerprint(ctx, task, stage)
+            if stage == "allocate":
+                report = run_allocate(ctx, task, method)
+            else:
+                phase = FIT_PHASES[stage]
+                start_dir, start_step = None, 0
+                # the probe restarts from its first step: its observed statistics live outside the checkpoint
+                if (resume and stage == "train" and resume["meta"]["stage"] == stage
+                        and resume["meta"]["inputs"] == fingerprint):
+                    start_dir, start_step = resume["dir"], int(resume["meta"]["step"])
+                    log(f" {stage}: resuming at step {start_step} from {resume['path']}")
+                batches = PhaseBatches(
+                    stream, phase, rank=rank, shared=plan.phases[phase].shared, start=start_step,
+                    collate=lambda rows: collate_train(rows, pad_id=processor.text.pad_id, pixel_dtype=pixel_dtype),
+                    features=lambda b, m=method: with_features(b, m, rt),
+                )
+                fit = _ray_fit(ctx, task, stage, rank, fingerprint, batches, start_dir, config.get(FAULT_KEY), log)
+                body = run_probe if stage == "probe" else run_train
+                report = body(ctx, task, model, method, batches, fit)
+            seconds = time.time() - t0
+            timings[stage] = seconds
+            if rank == 0:
+                workdir = scratch / "out"
+                workdir.mkdir()
+                save_state(method, workdir)
+                # startup of the first sub-stage includes the worker's own start (runtime, data)
+                first = stage == stages[0]
+                result = StageResult(stage, task, report, seconds + (startup if first else 0.0),
+                                     (t_restored - t0) + (startup if first else 0.0))
+                ctx.ledger.commit(result, workdir)
+                log(f" {stage}: committed in {seconds:.1f}s")
+            barrier()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    ray.train.report({"done": 1.0, **{f"seconds_{k}": v for k, v in timings.items()}})
+
+
+def _resume_point(checkpoint: Any) -> Optional[dict[str, Any]]:
+    """The latest Train checkpoint as a local directory plus its JSON, or None."""
+    if checkpoint is None:
+        return None
+    local = Path(tempfile.mkdtemp(prefix="cram-resume-"))
+    path = Path(checkpoint.to_directory(str(local)))
+    meta_file = path / CKPT_META
+    if not meta_file.is_file():
+        return None
+    return {"dir": path, "meta": json.loads(meta_file.read_text()), "path": checkpoint.path}
+
+
+def _logger(ctx: StageContext, task: int, rank: int) -> Callable[[str], None]:
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(f"[task {task} {ctx.tasks[task].name} / fused]{msg}", flush=True)
+    return log
+
+
+def _ray_fit(ctx: StageContext, task: int, stage: str, rank: int, fingerprint: Optional[str],
+             batches: PhaseBatches, start_dir: Optional[Path], fault: Optional[dict[str, Any]],
+             log: Callable[[str], None]):
+    """The ``fit`` the stage bodies call: engine_fit with Train checkpoints every K steps."""
+    import ray.train
+
+    every = max(1, ctx.cfg.train.checkpoint_every)
+
+    def checkpoint(stepper: Stepper, progress: FitProgress) -> None:
+        if progress.step % every == 0 and progress.step < progress.steps:
+            with tempfile.TemporaryDirectory(prefix="cram-ckpt-") as tmp:
+                stepper.save(Path(tmp), progress)  # every rank: DeepSpeed's save is a collective
+                if rank == 0:
+                    meta = {"task": task, "stage": stage, "step": progress.step, "inputs": fingerprint}
+                    (Path(tmp) / CKPT_META).write_text(json.dumps(meta))
+                ray.train.report({"task": task, "phase": FIT_PHASES[stage], "step": progress.step,
+                                  **{k: v / max(1, progress.count) for k, v in progress.totals.items()}},
+                                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"{stage}-step{progress.step:06d}")
+        _maybe_crash(fault, stage, progress.step, rank)
+
+    def fit(model, method: ContinualMethod, it, steps: int, observe=None) -> dict[str, float]:
+        if it is batches:
+            batches.observer = observe
+            observe = None
+        return engine_fit(model, method, it, steps, ctx.cfg.train, dtype=ctx.cfg.model.dtype, observe=observe,
+                          log=log, resume=start_dir, checkpoint=checkpoint)
+
+    return fit
+
+
+def _maybe_crash(fault: Optional[dict[str, Any]], stage: str, step: int, rank: int) -> None:
+    """Test hook: kill this worker process hard once, at a given (stage, step, rank)."""
+    if not fault or fault["stage"] != stage or int(fault["step"]) != step or int(fault["rank"]) != rank:
+        return
+    flag = Path(fault["flag"])
+    if flag.exists():
+        return
+    flag.write_text(json.dumps({"pid": os.getpid(), "time": time.time()}))
+    print(f"[fault] killing worker rank {rank} (pid {os.getpid()}) at {stage} step {step}", flush=True)
+    os._exit(1)
