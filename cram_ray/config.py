@@ -119,6 +119,7 @@ class CramConfig:
     shrinkage: float = -1.0  # LDA covariance shrinkage; < 0 = Ledoit-Wolf estimate
     top_k: int = 0  # experts kept per sample at level 2; 0 = all of the group
     lambda_dec: float = 1.0  # decoupling penalty weight
+    train_centroid: bool = False  # also fine-tune the new expert's centroid row during its task
 
     def __post_init__(self) -> None:
         if not 1 <= self.rank_min <= self.rank_max:
@@ -141,6 +142,29 @@ class BaselineConfig:
     same_energy: float = 0.9  # SAME cumulative energy kept by the spectral subspaces
     same_every: int = 20  # SAME: steps between router-subspace refreshes
     same_mask_threshold: float = 0.1  # SAME: adaptive activation score threshold
+    same_start: int = 10  # SAME: first step of spectral-aware routing
+    same_k: int = 64  # SAME: randomized range finder size
+    same_windows: int = 3  # SAME: refreshes averaged into S_avg
+    same_scale_min: float = 0.8  # SAME: clamp of the in-subspace router-gradient factor
+    same_scale_max: float = 1.2
+    same_ema: float = 0.95  # SAME: decay of the utility / importance averages
+    same_prior_temperature: float = 28.0  # SAME inference prior: softmax(temp * similarity)
+    same_prior_image_weight: float = 0.2  # SAME prior similarity = w cos_img + (1 - w) cos_txt
+    same_top_k: int = 2  # SAME inference: experts kept per sample
+    hide_image_weight: float = 0.5  # HiDe: anchor score = w cos_img + (1 - w) cos_txt
+
+    def __post_init__(self) -> None:
+        if self.moelora_experts < 1 or self.same_k < 1 or self.same_windows < 1 or self.same_top_k < 1:
+            raise ConfigError("method.baselines: moelora_experts, same_k, same_windows and same_top_k must be >= 1")
+        if self.same_every < 1 or self.same_start < 0:
+            raise ConfigError("method.baselines.same_every / same_start: expected >= 1 / >= 0")
+        for key in ("same_energy", "same_ema", "same_prior_image_weight", "hide_image_weight"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"method.baselines.{key}: expected in [0, 1], got {getattr(self, key)}")
+        if self.same_mu <= 0:
+            raise ConfigError(f"method.baselines.same_mu: expected > 0, got {self.same_mu}")
+        if not 0.0 < self.same_scale_min <= self.same_scale_max:
+            raise ConfigError("method.baselines.same_scale_min/max: expected 0 < same_scale_min <= same_scale_max")
 
 
 @dataclass

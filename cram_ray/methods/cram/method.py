@@ -73,7 +73,7 @@ class Cram(ContinualMethod):
     def __init__(self, cfg: StreamConfig) -> None:
         super().__init__(cfg)
         self.hp = cfg.method.cram
-        self.train_centroid = bool(getattr(self.hp, "train_centroid", False))
+        self.train_centroid = self.hp.train_centroid
         self.groups = SemanticGroups(self.hp.join_sim, self.hp.theta, self.hp.max_groups)
         self.router = CentroidRouter(self.hp.router, self.hp.sigma, self.hp.shrinkage, self.hp.top_k)
         self.layers: dict[str, ExpertLinear] = {}

@@ -1,0 +1,151 @@
+"""The Ray executor: every stage of the stream on a Ray cluster, with the in-process stages' outputs.
+
+* probe, allocate, train — ONE Ray Train run per task (cram_ray/train/trainer.py): starting a
+  TorchTrainer costs ~25-30 s here, so a task's three sub-stages share one (``fuse=True``). The run
+  commits each sub-stage's outputs and marker as it finishes them, so ``run(ctx, t, "probe")``
+  launches the run and returns the probe's result, and the driver's following calls for
+  ``allocate`` and ``train`` return what the same run already committed. With ``fuse=False``
+  probe and train are separate Train runs and allocate a CPU task.
+* aggregate, evaluate — Ray Data passes on an actor pool (cram_ray/pipeline/ray_data_stages.py),
+  coordinated by a Ray task.
+* every coordinating task is ``@ray.remote(max_retries=train.stage_retries, retry_exceptions=True)``;
+  stage outputs are idempotent (written to a scratch directory, committed with a marker last).
+
+The driver runs a stage only when its marker does not verify, and invalidates the marker first.
+A sub-stage this executor's fused run committed in the current session is still valid (its inputs
+were produced by the same run, in order): its marker, deleted by the driver, is written back as
+it was. Launching a fused run invalidates the markers of the sub-stages after the requested one,
+which depend on it, so a rerun never reuses a stale allocation or expert.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import ray
+
+from cram_ray.config import StreamConfig
+from cram_ray.pipeline.context import StageContext
+from cram_ray.pipeline.ledger import MARKER, StageResult
+from cram_ray.pipeline.ray_cluster import connect
+
+FUSED = ("probe", "allocate", "train")
+
+
+def _commit_stage(ctx: StageContext, task: int, stage: str, func: Callable[[StageContext, int, Path], StageResult]) -> StageResult:
+    scratch = Path(tempfile.mkdtemp(prefix=f"cram-{stage}-{task}-"))
+    try:
+        workdir = scratch / "out"
+        workdir.mkdir()
+        result = func(ctx, task, workdir)
+        ctx.ledger.commit(result, workdir)
+        return result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _stage_task(ctx_json: dict[str, Any], task: int, stage: str, on_ray_data: bool) -> dict[str, Any]:
+    """Body of the remote stage tasks: a Ray Data stage, or the in-process stage function."""
+    ctx = StageContext.from_json(ctx_json)
+    if on_ray_data:
+        from cram_ray.pipeline.ray_data_stages import stage_aggregate_ray, stage_evaluate_ray
+
+        func = {"aggregate": stage_aggregate_ray, "evaluate": stage_evaluate_ray}[stage]
+        return _commit_stage(ctx, task, stage, func).to_json()
+    from cram_ray.pipeline.driver import execute_stage
+
+    return execute_stage(ctx, task, stage).to_json()
+
+
+def _processor_source(ctx_json: dict[str, Any]) -> str:
+    """What Ray Data tasks need to tokenise: the compact processor's JSON, or the context to load a
+    checkpoint's processor. Building the runtime here also trains/caches the tiny base once."""
+    from cram_ray.pipeline.context import runtime
+
+    ctx = StageContext.from_json(ctx_json)
+    processor = runtime(ctx).vlm.processor
+    try:
+        return json.dumps({"settings": processor.settings()}, sort_keys=True)
+    except TypeError:
+        return json.dumps({"ctx": ctx_json}, sort_keys=True)
+
+
+class RayExecutor:
+    """Runs ``(task, stage)`` on Ray and commits its outputs and marker (see the module docstring)."""
+
+    name = "ray"
+
+    def __init__(self, cfg: StreamConfig, *, fuse: bool = True, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.fuse = fuse
+        self.log = log
+        self.mode: Optional[str] = None
+        self._source: Optional[str] = None
+        self._fresh: dict[tuple[int, str], bytes] = {}  # markers committed by fused runs of this session
+        self.timings: list[dict[str, Any]] = []  # one entry per Train run: wall, build, worker timings
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _connect(self) -> None:
+        if self.mode is None:
+            self.mode = connect(self.cfg.train, self.log)
+
+    def _remote(self, fn: Callable, *, num_cpus: float):
+        retries = self.cfg.train.stage_retries
+        return ray.remote(num_cpus=num_cpus, max_retries=retries, retry_exceptions=True)(fn)
+
+    def source(self, ctx: StageContext) -> str:
+        if self._source is None:
+            self._source = ray.get(self._remote(_processor_source, num_cpus=1).remote(ctx.to_json()))
+        return self._source
+
+    # -- the executor protocol -------------------------------------------------------------
+    def run(self, ctx: StageContext, task: int, stage: str) -> StageResult:
+        self._connect()
+        if stage in ("probe", "train") or (stage == "allocate" and self.fuse):
+            return self._train_run(ctx, task, stage)
+        on_ray_data = stage in ("aggregate", "evaluate")
+        # a Ray Data coordinator mostly waits on its actor pool: it takes no CPU slot of its own
+        fn = self._remote(_stage_task, num_cpus=0 if on_ray_data else 1)
+        return StageResult.from_json(ray.get(fn.remote(ctx.to_json(), task, stage, on_ray_data)))
+
+    def _train_run(self, ctx: StageContext, task: int, stage: str) -> StageResult:
+        from cram_ray.train.trainer import run_fused
+
+        ledger = ctx.ledger
+        restored = self._restore_marker(ctx, task, stage)
+        if restored is not None:
+            return restored
+        stages = list(FUSED[FUSED.index(stage):]) if self.fuse else [stage]
+        for later in stages[1:]:
+            ledger.invalidate(task, later)
+        source = self.source(ctx)
+        self.log(f"[ray] task {task}: Train run for {' -> '.join(stages)}")
+        timing = run_fused(ctx, task, stages, source)
+        timing.update({"task": task, "stages": stages})
+        self.timings.append(timing)
+        self.log(f"[ray] task {task}: Train run finished in {timing['wall']:.1f}s")
+        for s in stages:
+            marker = ledger.marker(task, s)
+            if marker is not None:
+                self._fresh[(task, s)] = ledger.storage.read_bytes(f"{ledger.rel(task, s)}/{MARKER}")
+        result = ledger.verify(task, stage)
+        if result is None:
+            raise RuntimeError(f"task {task}: the Train run ended without committing {stage}")
+        return result
+
+    def _restore_marker(self, ctx: StageContext, task: int, stage: str) -> Optional[StageResult]:
+        """A sub-stage committed by this session's fused run: its marker back in place."""
+        blob = self._fresh.pop((task, stage), None)
+        if blob is None:
+            return None
+        ledger = ctx.ledger
+        ledger.storage.write_bytes_atomic(f"{ledger.rel(task, stage)}/{MARKER}", blob)
+        return ledger.verify(task, stage)
+
+    def startup_report(self) -> dict[str, Any]:
+        """Measured costs of the Train runs so far (seconds)."""
+        return {"train_runs": self.timings}

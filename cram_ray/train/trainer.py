@@ -1,0 +1,143 @@
+"""The TorchTrainer of a task's fused probe -> allocate -> train run, and its Ray Data input.
+
+:func:`make_trainer` wires the pieces: ``ScalingConfig`` from ``train.num_workers`` /
+``cpus_per_worker`` / ``use_gpu``; ``RunConfig`` under ``<storage>/<run_id>/train_runs`` with the
+name ``task_<t>`` (stable, so a rerun of the driver continues the same Train run and its
+checkpoints); ``FailureConfig(max_failures=train.max_failures)``; and ``datasets={"train": ...}``:
+the task's training shards read with ``ray.data.read_parquet``, expanded into the in-process batch
+order and sorted (cram_ray/train/ingest.py). :class:`RankSplit` hands each worker its rows and
+appends the decode + tokenise ``map_batches``, so each rank only decodes what it trains on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from cram_ray.pipeline.context import StageContext
+from cram_ray.train.ingest import (
+    Phase,
+    StreamPlan,
+    encode_rows,
+    expand_rows,
+    positions_of,
+    select_rank,
+    shard_ids,
+    shard_paths,
+)
+from cram_ray.train.worker import FAULT_KEY, FIT_PHASES, train_loop_per_worker
+
+FAULT_ENV = "CRAM_RAY_FAULT"  # JSON {"stage", "step", "rank", "flag"}: tests kill a worker once
+RUNS_DIR = "train_runs"
+
+
+def run_name(task: int) -> str:
+    return f"task_{task}"
+
+
+def runs_root(ctx: StageContext) -> str:
+    """Where Ray Train keeps the run's checkpoints: beside the ledger, on the same storage."""
+    storage = ctx.storage
+    return storage.path(f"{ctx.run_id}/{RUNS_DIR}") if storage.local else f"{storage.uri.rstrip('/')}/{ctx.run_id}/{RUNS_DIR}"
+
+
+class RankSplit(DataConfig):
+    """Each worker gets the rows planned for its rank (``dp_rank``), decoded and tokenised.
+
+    Ray's default split (``streaming_split``) hands blocks to whichever worker asks first; here
+    the assignment is part of the data, so a run (and its restart) trains on the same batches.
+    """
+
+    def __init__(self, source: str, task: int) -> None:
+        super().__init__(datasets_to_split=[])
+        self.source = source
+        self.task = task
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        out = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            for rank in range(world_size):
+                mine = ds.map_batches(select_rank, fn_kwargs={"rank": rank}, batch_format="pyarrow") \
+                    if world_size > 1 else ds
+                mine = mine.map_batches(encode_rows, fn_kwargs={"source": self.source, "task": self.task},
+                                        batch_format="numpy", batch_size=64)
+                mine.context.execution_options.preserve_order = True  # the sorted stream's order is the plan
+                out[rank][name] = mine.iterator()
+        return out
+
+
+def plan_for(ctx: StageContext, task: int, stages: list[str], n: int) -> StreamPlan:
+    """The batch order of the sub-stages that train (probe, train), as the in-process stages draw it."""
+    from cram_ray.methods import make_method
+    from cram_ray.train.zero import micro_batch_size
+
+    train = ctx.cfg.train
+    method = make_method(ctx.cfg)  # only asks how many steps the probe takes: no model is built
+    probe = method.probe_steps(train.steps_per_task)
+    workers = train.num_workers
+    micro_batch_size(train, workers)  # a clear error when the batch does not split
+    phases = [
+        Phase("probe", probe if "probe" in stages else 0, "probe", shared=workers > 1),
+        Phase("train", train.steps_per_task - probe if "train" in stages else 0, "train"),
+    ]
+    assert [p.name for p in phases] == list(FIT_PHASES)
+    return StreamPlan.build(n=n, batch_size=train.batch_size, world_size=workers, seed=train.seed, task=task,
+                            phases=phases)
+
+
+def train_dataset(ctx: StageContext, task: int, plan_stages: list[str]):
+    """(dataset, plan): the task's training rows in the fused run's order (lazy; nothing is read here
+    but the ``id`` column, to place every record in the plan)."""
+    import ray.data
+
+    storage = ctx.storage
+    rel = ctx.shard_rel(task, "train")
+    paths = shard_paths(storage, rel)
+    ids = shard_ids(storage, paths)
+    plan = plan_for(ctx, task, plan_stages, len(ids))
+    positions = positions_of(ids, storage.path(rel))
+    ds = ray.data.read_parquet(paths, filesystem=storage.fs)
+    ds = ds.map_batches(expand_rows, fn_kwargs={"plan_json": plan.to_json(), "positions": positions},
+                        batch_format="pyarrow", batch_size=None)
+    return ds.sort("seq"), plan
+
+
+def make_trainer(ctx: StageContext, task: int, stages: list[str], source: str) -> tuple[TorchTrainer, StreamPlan]:
+    """The TorchTrainer of one fused run over ``stages`` (a suffix of probe, allocate, train)."""
+    train = ctx.cfg.train
+    ds, plan = train_dataset(ctx, task, stages)
+    config: dict[str, Any] = {"ctx": ctx.to_json(), "task": task, "stages": stages, "plan": plan.to_json()}
+    if os.environ.get(FAULT_ENV):
+        config[FAULT_KEY] = json.loads(os.environ[FAULT_ENV])
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker={"CPU": train.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name(task),
+            storage_path=runs_root(ctx),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": ds},
+        dataset_config=RankSplit(source, task),
+    )
+    return trainer, plan
+
+
+def run_fused(ctx: StageContext, task: int, stages: list[str], source: str) -> dict[str, Any]:
+    """Fit one fused run; returns timings (the sub-stages' results are in the ledger)."""
+    t0 = time.time()
+    trainer, plan = make_trainer(ctx, task, stages, source)
+    t_built = time.time()
+    result = trainer.fit()
+    wall = time.time() - t0
+    metrics = dict(result.metrics or {})
+    return {"wall": wall, "build": t_built - t0, "metrics": metrics,
+            "checkpoint": None if result.checkpoint is None else result.checkpoint.path}
