@@ -10,6 +10,11 @@ from cram_ray.methods.base import ContinualMethod
 REGISTRY = {
     "lora_ft": "cram_ray.methods.lora_ft:LoraFT",
     "cram": "cram_ray.methods.cram.method:Cram",
+    "oracle": "cram_ray.methods.oracle:Oracle",
+    "olora": "cram_ray.methods.olora:OLoRA",
+    "moelora": "cram_ray.methods.moelora:MoELoRA",
+    "hide": "cram_ray.methods.hide:HiDe",
+    "same": "cram_ray.methods.same:Same",
 }
 
 

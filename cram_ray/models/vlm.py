@@ -338,7 +338,8 @@ class VLM:
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], max_new_tokens: int) -> list[str]:
         """Greedy answers for a left-padded prompt batch (only its model inputs are read)."""
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        device = next(self.model.parameters()).device
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values")}
         text = self.processor.text
         was_training = self.model.training
         self.model.eval()

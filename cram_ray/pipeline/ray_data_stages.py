@@ -71,6 +71,15 @@ def _in_order(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[order] for k, v in batch.items()}
 
 
+def group_partitions(ctx: StageContext, splits: list[tuple[int, str]]) -> int:
+    """Hash partitions of the groupby: one per batch at most (Ray's default of 200 costs ~40 s of
+    task overhead on a small split), and a few per actor so the pool stays busy."""
+    bs = ctx.cfg.train.eval_batch_size
+    meta = {"train": lambda t: ctx.tasks[t].n_train, "test": lambda t: ctx.tasks[t].n_test}
+    batches = sum(-(-meta[split](task) // bs) for task, split in splits)
+    return max(1, min(batches, 4 * max(1, ctx.cfg.train.num_workers)))
+
+
 def _pool(ctx: StageContext) -> dict[str, Any]:
     train = ctx.cfg.train
     return {"concurrency": max(1, train.num_workers), "num_cpus": train.cpus_per_worker}
@@ -117,8 +126,8 @@ def stage_aggregate_ray(ctx: StageContext, task: int, workdir: Path) -> StageRes
     model, method = restore(ctx, task, "aggregate", rt, workdir.parent)
     startup = time.time() - t0
     if method.needs_features:
-        ds = split_dataset(ctx, [(task, "train")])
-        out = ds.groupby("group").map_groups(
+        splits = [(task, "train")]
+        out = split_dataset(ctx, splits).groupby("group", num_partitions=group_partitions(ctx, splits)).map_groups(
             FeatureBatches, fn_constructor_kwargs={"ctx_json": ctx.to_json(), "task": task,
                                                    "needs": sorted(method.needs_features)},
             batch_format="numpy", **_pool(ctx))
@@ -177,8 +186,8 @@ def stage_evaluate_ray(ctx: StageContext, task: int, workdir: Path) -> StageResu
     """stages.stage_evaluate as Ray Data batch inference over the test sets of tasks 0..task."""
     t0 = time.time()
     splits = list(range(task + 1))
-    ds = split_dataset(ctx, [(i, "test") for i in splits])
-    out = ds.groupby("group").map_groups(
+    pairs = [(i, "test") for i in splits]
+    out = split_dataset(ctx, pairs).groupby("group", num_partitions=group_partitions(ctx, pairs)).map_groups(
         Evaluator, fn_constructor_kwargs={"ctx_json": ctx.to_json(), "task": task, "splits": splits},
         batch_format="numpy", **_pool(ctx))
     got = sorted(((int(r["split"]), int(r["pos"]), json.loads(r["row"])) for r in out.iter_rows()),

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import ray
+import torch
 
 from cram_ray.config import StreamConfig
 from cram_ray.pipeline.context import StageContext
@@ -48,8 +49,16 @@ def _commit_stage(ctx: StageContext, task: int, stage: str, func: Callable[[Stag
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _stage_task(ctx_json: dict[str, Any], task: int, stage: str, on_ray_data: bool) -> dict[str, Any]:
-    """Body of the remote stage tasks: a Ray Data stage, or the in-process stage function."""
+def _stage_task(ctx_json: dict[str, Any], task: int, stage: str, on_ray_data: bool, threads: int) -> dict[str, Any]:
+    """Body of the remote stage tasks: a Ray Data stage, or the in-process stage function.
+
+    ``threads``: the driver's intra-op thread count. Float reductions (a method's covariance,
+    its shrinkage and width estimates in ``end_task``) depend on it in the last bits; using the
+    driver's makes the Ray stages' reports equal the in-process ones exactly.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
     ctx = StageContext.from_json(ctx_json)
     if on_ray_data:
         from cram_ray.pipeline.ray_data_stages import stage_aggregate_ray, stage_evaluate_ray
@@ -110,7 +119,8 @@ class RayExecutor:
         on_ray_data = stage in ("aggregate", "evaluate")
         # a Ray Data coordinator mostly waits on its actor pool: it takes no CPU slot of its own
         fn = self._remote(_stage_task, num_cpus=0 if on_ray_data else 1)
-        return StageResult.from_json(ray.get(fn.remote(ctx.to_json(), task, stage, on_ray_data)))
+        threads = torch.get_num_threads()
+        return StageResult.from_json(ray.get(fn.remote(ctx.to_json(), task, stage, on_ray_data, threads)))
 
     def _train_run(self, ctx: StageContext, task: int, stage: str) -> StageResult:
         from cram_ray.train.trainer import run_fused

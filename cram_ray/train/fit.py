@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -317,7 +318,12 @@ def engine_fit(
         checkpoint: ``(stepper, progress)`` after every step; the caller decides whether to save
             (every rank must make the same decision: saving is a collective).
     """
+    t0 = time.time()
     stepper = Stepper(model, method, steps, train, dtype=dtype)
+    if stepper.rank == 0:
+        log(f"  engine ready in {time.time() - t0:.1f}s ({'ZeRO-%d' % train.zero_stage if stepper.deepspeed else 'plain data parallel'}, "
+            f"{stepper.world_size} rank(s))")
+    t_loop = time.time()
     progress = FitProgress(steps=steps, world_size=stepper.world_size, zero_stage=train.zero_stage)
     if resume is not None:
         saved = FitProgress.from_json(json.loads((resume / PROGRESS_FILE).read_text()))
@@ -342,6 +348,8 @@ def engine_fit(
         if checkpoint is not None:
             checkpoint(stepper, progress)
     stepper.close()
+    if stepper.rank == 0 and progress.count:
+        log(f"  {progress.count} steps in {time.time() - t_loop:.1f}s ({progress.count / max(1e-9, time.time() - t_loop):.2f} steps/s)")
     model.eval()
     if any(math.isnan(v) for v in progress.totals.values()):
         log("  warning: a loss term was NaN")

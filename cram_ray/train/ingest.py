@@ -24,7 +24,6 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from cram_ray.data.records import DataError, Record
 from cram_ray.pipeline.ledger import Storage
@@ -115,6 +114,10 @@ class StreamPlan:
 
     def rows_of(self, phase: int) -> int:
         return self.phases[phase].steps * self.batch_size
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows_of(k) for k in range(len(self.phases)))
 
     def offset(self, phase: int) -> int:
         return sum(self.rows_of(i) for i in range(phase))
@@ -240,9 +243,12 @@ def _ragged(rows: list[list[int]]) -> np.ndarray:
     return out
 
 
-def collate_train(batch: dict[str, np.ndarray], *, pad_id: int, pixel_dtype: torch.dtype = torch.float32,
+def collate_train(batch: dict[str, np.ndarray], *, pad_id: int, pixel_dtype: Any = None,
                   ignore_index: int = -100) -> dict[str, Any]:
     """Encoded rows -> the batch ``VLMProcessor.train_batch`` builds (right padding, answer labels)."""
+    import torch  # here, not at import: the plan's read/expand/sort tasks never load torch
+
+    pixel_dtype = pixel_dtype or torch.float32
     prompts = [np.asarray(p, dtype=np.int64) for p in batch["prompt_ids"]]
     targets = [np.asarray(t, dtype=np.int64) for t in batch["target_ids"]]
     n = len(prompts)
@@ -258,7 +264,7 @@ def collate_train(batch: dict[str, np.ndarray], *, pad_id: int, pixel_dtype: tor
     return {
         "input_ids": ids, "attention_mask": mask, "labels": labels,
         "pixel_values": torch.from_numpy(np.ascontiguousarray(np.stack(list(batch["pixel_values"])))).to(pixel_dtype),
-        "task_index": torch.as_tensor(np.asarray(batch["task_index"], dtype=np.int64)),
-        "has_image": torch.as_tensor(np.asarray(batch["has_image"], dtype=bool)),
+        "task_index": torch.tensor(np.asarray(batch["task_index"], dtype=np.int64)),
+        "has_image": torch.tensor(np.asarray(batch["has_image"], dtype=bool)),
         "instruction": [str(s) for s in batch["instruction"]],
     }

@@ -23,11 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -47,15 +49,38 @@ FAULT_KEY = "fault"  # train_loop_config key: {"stage", "step", "rank", "flag"}:
 
 # -- the data of this rank -------------------------------------------------------------------
 class RowStream:
-    """This rank's encoded rows, one micro-batch at a time, addressed by (phase, step)."""
+    """This rank's encoded rows, one micro-batch at a time, addressed by (phase, step).
 
-    def __init__(self, micro_batches: Iterator[dict[str, np.ndarray]]) -> None:
-        self._it = iter(micro_batches)
+    A background thread pulls from Ray Data from construction on, so the pipeline's start (its
+    tasks' processes import torch and the processor) overlaps the worker's own model loading.
+    """
+
+    _END = object()
+
+    def __init__(self, micro_batches: Iterable[dict[str, np.ndarray]], prefetch: int = 16) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._head: Optional[dict[str, np.ndarray]] = None
+        self._done = False
+        self._thread = threading.Thread(target=self._pull, args=(micro_batches,), daemon=True, name="row-stream")
+        self._thread.start()
+
+    def _pull(self, micro_batches: Iterable[dict[str, np.ndarray]]) -> None:
+        try:
+            for rows in micro_batches:
+                self._queue.put(rows)
+            self._queue.put(self._END)
+        except BaseException as err:  # surfaced in the training thread
+            self._queue.put(err)
 
     def _peek(self) -> Optional[dict[str, np.ndarray]]:
-        if self._head is None:
-            self._head = next(self._it, None)
+        if self._head is None and not self._done:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise RuntimeError("reading the training data failed") from item
+            if item is self._END:
+                self._done = True
+            else:
+                self._head = item
         return self._head
 
     def take(self, phase: int, step: int) -> list[dict[str, np.ndarray]]:
@@ -96,13 +121,24 @@ class PhaseBatches:
         self.step = start
         self.collate, self.features = collate, features
         self.observer: Optional[Callable[[Batch], None]] = None
+        self.wait = 0.0  # seconds spent waiting for Ray Data
+        self.prepare = 0.0  # seconds spent padding and computing routing features
 
     def __iter__(self) -> "PhaseBatches":
         return self
 
     def __next__(self) -> Batch:
+        t0 = time.time()
         parts = self.stream.take(self.phase, self.step)
+        t1 = time.time()
+        self.wait += t1 - t0
         self.step += 1
+        try:
+            return self._prepare(parts)
+        finally:
+            self.prepare += time.time() - t1
+
+    def _prepare(self, parts: list[dict[str, np.ndarray]]) -> Batch:
         if self.shared:
             if self.observer is not None:
                 with torch.no_grad():
@@ -162,11 +198,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if world_size != plan.world_size:
         raise RuntimeError(f"the data was planned for {plan.world_size} workers, the run has {world_size}")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    shard = ray.train.get_dataset_shard("train")
+    stream = RowStream(shard.iter_batches(batch_size=plan.micro, batch_format="numpy", prefetch_batches=2))
     rt = runtime(ctx)
     processor = rt.vlm.processor
     pixel_dtype = next(rt.vlm.model.parameters()).dtype
-    shard = ray.train.get_dataset_shard("train")
-    stream = RowStream(shard.iter_batches(batch_size=plan.micro, batch_format="numpy", prefetch_batches=2))
     resume = _resume_point(ray.train.get_checkpoint())
     startup = time.time() - t_start
     log = _logger(ctx, task, rank)
@@ -202,6 +238,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 fit = _ray_fit(ctx, task, stage, rank, fingerprint, batches, start_dir, config.get(FAULT_KEY), log)
                 body = run_probe if stage == "probe" else run_train
                 report = body(ctx, task, model, method, batches, fit)
+                timings[f"{stage}_data_wait"] = batches.wait
+                timings[f"{stage}_batch_prep"] = batches.prepare
+                log(f" {stage}: waited {batches.wait:.1f}s for data, {batches.prepare:.1f}s padding + features")
             seconds = time.time() - t0
             timings[stage] = seconds
             if rank == 0:

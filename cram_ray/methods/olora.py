@@ -1,0 +1,107 @@
+"""O-LoRA: orthogonal subspaces, one LoRA per task, all of them summed (DESIGN §4; Wang et al. 2023).
+
+Task ``t`` opens a rank-``r`` slot; only it trains, every earlier slot is frozen and still part of
+the forward pass (weight 1 each, at training and at test time: there is no routing). The loss adds
+
+    L_orth = lambda * sum_layers sum_{i<t} sum_jk |(A_t A_i^T)_jk|
+
+which pushes the new slot's input subspace (rows of ``A_t``) away from the earlier ones; ``A_i``
+is detached.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from cram_ray.config import StreamConfig
+from cram_ray.data.records import TaskInfo
+from cram_ray.experts.adapter import RoutingContext
+from cram_ray.methods.base import Batch, ContinualMethod
+from cram_ray.methods.common import TaskSlots, check_meta, freeze, task_from_json, task_to_json
+
+STATE_VERSION = 1
+
+
+def orthogonality_penalty(A_new: torch.Tensor, A_old: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_i sum |A_new A_i^T|`` for A_new (r, d_in) and each A_i (r_i, d_in); A_i gets no gradient."""
+    total = A_new.new_zeros(())
+    for A in A_old:
+        total = total + (A_new @ A.detach().to(A_new.dtype).T).abs().sum()  # (r, r_i)
+    return total
+
+
+class OLoRA(ContinualMethod):
+    """One slot per task; the new one trains under the orthogonality penalty; inference sums all."""
+
+    name = "olora"
+
+    def __init__(self, cfg: StreamConfig) -> None:
+        super().__init__(cfg)
+        self.lam = cfg.method.baselines.olora_lambda
+        self.slots = TaskSlots(cfg.method.lora_rank, cfg.train.seed)
+        self.context = RoutingContext()
+        self.training = False
+
+    def attach(self, model: nn.Module) -> None:
+        self.slots.attach(model, self.cfg.method.target_modules, context=self.context)
+
+    def begin_task(self, task: TaskInfo) -> None:
+        super().begin_task(task)
+        self.training = False
+        self.slots.open(task.index)
+
+    def allocate(self) -> dict[str, Any]:
+        return {"slot": self.task.index, **self.slots.ranks(self.task.index)}
+
+    def begin_train(self) -> None:
+        self.slots.train_only(self.task.index)
+        self.training = True
+
+    def end_task(self) -> dict[str, Any]:
+        freeze(self.slots.all_params())
+        self.training = False
+        return {"slot": self.task.index, "experts": len(self.slots)}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.slots.params(self.task.index) if self.training else []
+
+    def route(self, batch: Batch, *, training: bool) -> None:
+        """Every slot at weight 1 (while training task t these are the slots 0..t)."""
+        self.context.clear()
+        n = len(self.slots)
+        if n:
+            self.context.weights = torch.ones(batch["input_ids"].shape[0], n)
+
+    def penalty(self) -> torch.Tensor:
+        """Unweighted L_orth of the current task's slot against every earlier slot, over all layers."""
+        t = self.task.index
+        terms = [orthogonality_penalty(layer.slot(t).A, [layer.slot(i).A for i in range(t)])
+                 for layer in self.slots.layers.values()]
+        return torch.stack(terms).sum()
+
+    def extra_losses(self, batch: Batch, outputs: Any) -> dict[str, torch.Tensor]:
+        if not self.training or self.lam == 0 or self.task.index == 0:
+            return {}
+        return {"orth": self.lam * self.penalty()}
+
+    def routed_task(self) -> Optional[torch.Tensor]:
+        return None  # no routing decision: every slot serves every sample
+
+    def params_added(self) -> int:
+        return 0 if self.task is None else self.slots.numel(self.task.index)
+
+    def ranks(self) -> dict[str, Any]:
+        return {} if self.task is None else self.slots.ranks(self.task.index)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, ranks = self.slots.state()
+        return tensors, {"method": self.name, "version": STATE_VERSION, "expert_ranks": ranks,
+                         "task": task_to_json(self.task)}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        check_meta(meta, self.name, STATE_VERSION)
+        self.slots.load_state(tensors, meta["expert_ranks"])
+        self.task = task_from_json(meta["task"])
+        self.training = False

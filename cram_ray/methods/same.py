@@ -1,0 +1,514 @@
+"""SAME (seed system, ICML 2026): a routed expert per task on the FFN, with spectral-aware routing,
+curvature-aware expert updates and adaptive expert activation (DESIGN §4).
+
+Adapter: on the gate/up/down projections of the language model's MLP, a :class:`SameLinear` wraps
+an :class:`~cram_ray.experts.adapter.ExpertLinear` (one rank-r slot per task) and owns a linear
+router on the layer input: one row per expert; the router's logits are averaged over the
+sample's prompt tokens, so a sample gets one weight vector per layer.
+
+Training task t (only expert t and the router rows train):
+
+* routing: ``softmax`` of the averaged logits over experts 0..t, minus the experts the adaptive
+  activation masks;
+* spectral-aware routing (from step ``same_start``, refreshed every ``same_every`` steps): a
+  randomized range finder (k = ``same_k``) on the centred router inputs of the step gives
+  directions V and singular values S; the directions up to ``same_energy`` of the variance are
+  kept; the router gradient's component along V is scaled per direction by
+  ``clamp((1 / S_avg) / mean(1 / S_avg), 0.8, 1.2)`` with S_avg the mean over the last
+  ``same_windows`` refreshes; the rest of the gradient is unchanged (:func:`project_router_grad`);
+* curvature-aware scaling (tasks >= 1): with U_k, S_k the principal subspace (``same_energy``) of
+  the covariance of the layer's inputs during the previous task, the new expert's A gradient is
+  ``g <- U diag(1 / (S + mu)) U^T g + (1 / mu) (I - U U^T) g`` on the input dimension
+  (:func:`curvature_transform`);
+* adaptive activation: per layer, util = EMA(0.95) of the mean routing probability and
+  importance = EMA(0.95) of mean(pi * ||x||^2); experts with
+  ``minmax(util) - minmax(importance) < same_mask_threshold`` are masked from the next step on,
+  never the current task's (:func:`activation_mask`).
+
+Inference: per layer ``softmax(logits / E) * prior``, top-2, renormalised, with the prior
+``softmax(28 (0.2 cos_img + 0.8 cos_txt))`` over the committed tasks' mean features (anchors).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cram_ray.config import StreamConfig
+from cram_ray.data.records import TaskInfo
+from cram_ray.experts.adapter import FFN_TARGETS, ExpertLinear, RoutingContext
+from cram_ray.methods.base import Batch, ContinualMethod, Phase
+from cram_ray.methods.common import (
+    EXPERT_SCALE, TaskAnchors, TaskSlots, check_meta, freeze, task_from_json, task_to_json,
+)
+from cram_ray.methods.layers import replace_linears
+
+STATE_VERSION = 1
+COV_TOKENS = 512  # tokens per layer and step folded into the input covariance (evenly strided)
+
+
+# -- the math, on plain tensors ---------------------------------------------------------------
+def energy_rank(variances: torch.Tensor, energy: float) -> int:
+    """Smallest r with ``sum(v[:r]) >= energy * sum(v)`` for descending non-negative ``v`` (>= 1)."""
+    v = variances.clamp_min(0).to(torch.float64)
+    total = float(v.sum())
+    if total <= 0.0:
+        return 1
+    share = torch.cumsum(v, 0) / total
+    return int(min(len(v), int((share < energy - 1e-12).sum()) + 1))
+
+
+def randomized_range_finder(X: torch.Tensor, k: int, *, oversample: int = 8, power_iters: int = 2,
+                            generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k principal directions of the rows of X (N, d) by a randomized range finder (Halko et al.).
+
+    Returns ``V`` (d, k') with orthonormal columns (the right singular vectors) and ``S`` (k',)
+    the singular values of X, descending, k' = min(k, N, d). Exact when rank(X) <= k' + oversample.
+    """
+    X = X.to(torch.float64)
+    n, d = X.shape
+    k = min(k, n, d)
+    width = min(k + oversample, n, d)
+    omega = torch.randn(n, width, generator=generator, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(X.T @ omega)  # (d, width): a basis of the row space's dominant part
+    for _ in range(power_iters):
+        Q, _ = torch.linalg.qr(X.T @ (X @ Q))
+    U_small, S, Wh = torch.linalg.svd(X @ Q, full_matrices=False)  # X Q = U S W^T -> X ~ U S (Q W)^T
+    V = Q @ Wh.T  # (d, width)
+    return V[:, :k], S[:k]
+
+
+def principal_subspace(cov: torch.Tensor, energy: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors U (d, r) and eigenvalues S (r,) of a covariance, descending, up to ``energy``."""
+    evals, evecs = torch.linalg.eigh(cov.to(torch.float64))
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    r = energy_rank(evals, energy)
+    return evecs[:, :r], evals[:r]
+
+
+def spectral_factors(windows: Sequence[torch.Tensor], rank: int, lo: float, hi: float) -> torch.Tensor:
+    """Per-direction router-gradient factors ``clamp((1/S_avg) / mean(1/S_avg), lo, hi)``, (rank,).
+
+    ``S_avg[j]`` is the mean of the j-th singular value over the windows that have one.
+    """
+    rows = torch.full((len(windows), rank), float("nan"), dtype=torch.float64)
+    for i, s in enumerate(windows):
+        m = min(rank, s.numel())
+        rows[i, :m] = s[:m].to(torch.float64)
+    s_avg = torch.nanmean(rows, dim=0).clamp_min(1e-12)
+    inv = 1.0 / s_avg
+    return (inv / inv.mean()).clamp(lo, hi)
+
+
+def project_router_grad(G: torch.Tensor, V: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Scale the component of each row of G (E, d) along the columns of V (d, r) by ``factors``.
+
+    ``G <- G (I - V V^T) + G V diag(f) V^T``: the out-of-subspace part is left as it was.
+    """
+    V = V.to(G.dtype)
+    coef = G @ V  # (E, r)
+    return G + (coef * (factors.to(G.dtype) - 1.0)) @ V.T
+
+
+def curvature_transform(G: torch.Tensor, U: torch.Tensor, S: torch.Tensor, mu: float) -> torch.Tensor:
+    """``G <- G U diag(1/(S+mu)) U^T + (1/mu) G (I - U U^T)`` for G (r, d) acting on the input dim.
+
+    Row by row this is DESIGN's ``g <- U diag(1/(S+mu)) U^T g + (1/mu)(I - U U^T) g``.
+    """
+    U = U.to(G.dtype)
+    coef = G @ U  # (r, k)
+    inside = (coef / (S.to(G.dtype) + mu)) @ U.T
+    outside = (G - coef @ U.T) / mu
+    return inside + outside
+
+
+def minmax(v: torch.Tensor) -> torch.Tensor:
+    """(v - min) / (max - min); zeros when all entries are equal."""
+    span = v.max() - v.min()
+    return torch.zeros_like(v) if float(span) <= 0.0 else (v - v.min()) / span
+
+
+def activation_mask(util: torch.Tensor, importance: torch.Tensor, threshold: float, current: int) -> torch.Tensor:
+    """(E,) bool, True = masked: ``minmax(util) - minmax(importance) < threshold``, never ``current``."""
+    score = minmax(util.to(torch.float64)) - minmax(importance.to(torch.float64))
+    mask = score < threshold
+    mask[current] = False
+    return mask
+
+
+def training_weights(logits: torch.Tensor, masked: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, E) averaged router logits -> softmax over the experts not masked."""
+    if masked is not None and bool(masked.any()):
+        logits = logits.masked_fill(masked.to(logits.device)[None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def inference_weights(logits: torch.Tensor, prior: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``softmax(logits / E) * prior``, the top-k kept per sample, renormalised; (B, E)."""
+    n = logits.shape[-1]
+    p = torch.softmax(logits / n, dim=-1) * prior.to(logits.dtype)
+    k = min(top_k, n)
+    idx = p.topk(k, dim=-1).indices
+    kept = torch.zeros_like(p).scatter(-1, idx, p.gather(-1, idx))
+    return kept / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+# -- the adapter layer ------------------------------------------------------------------------
+@dataclass
+class SameRouting:
+    """What every SameLinear reads; set by the method's ``route`` before each forward pass."""
+
+    active: bool = False  # False: no expert contributes
+    training: bool = False
+    n_experts: int = 0  # experts 0..n-1 are routed over
+    token_mask: Optional[torch.Tensor] = None  # (B, T) averaging weights over the prompt tokens
+    prior: Optional[torch.Tensor] = None  # (B, n) inference prior over tasks
+    top_k: int = 2
+    version: int = 0  # bumped by every route(): a layer computes its weights once per version
+
+
+class SameLinear(nn.Module):
+    """An ExpertLinear whose per-sample routing weights come from its own token-averaged router.
+
+    Args:
+        inner: the expert layer (its routing context is private to this wrapper).
+        routing: the shared routing settings of the current batch.
+
+    The weights are computed at the first forward after ``route`` and reused until the next
+    ``route``: during generation that is the prompt's forward, later decoding steps keep them.
+    """
+
+    def __init__(self, inner: ExpertLinear, routing: SameRouting) -> None:
+        super().__init__()
+        self.inner = inner
+        self.routing = routing
+        self.router = nn.ParameterDict()  # str(slot) -> (d_in,) router row of that expert
+        self.mask: Optional[torch.Tensor] = None  # (n,) bool experts masked while training
+        self.last_input: Optional[torch.Tensor] = None  # (B, T, d_in) input of the routing forward
+        self.weights: Optional[torch.Tensor] = None  # (B, n) routing weights of the current version
+        self._version = -1
+
+    def add_row(self, slot: int, row: Optional[torch.Tensor] = None) -> None:
+        value = torch.zeros(self.inner.in_features) if row is None else row
+        self.router[str(slot)] = nn.Parameter(value.detach().clone().to(torch.float32), requires_grad=False)
+
+    def rows(self, n: int) -> torch.Tensor:
+        return torch.stack([self.router[str(s)] for s in range(n)])  # (n, d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.routing
+        if not r.active or r.n_experts == 0:
+            self.inner.context.weights = None
+            return self.inner(x)
+        if self._version != r.version:
+            if r.token_mask is None or r.token_mask.shape != x.shape[:2]:
+                raise ValueError(f"SameLinear: token mask {None if r.token_mask is None else tuple(r.token_mask.shape)}"
+                                 f" does not match the routed input {tuple(x.shape[:2])}")
+            W = self.rows(r.n_experts)
+            logits = torch.einsum("bt,btd,ed->be", r.token_mask.to(W.dtype), x.to(W.dtype), W)  # (B, n)
+            if r.training:
+                self.weights = training_weights(logits, self.mask)
+            else:
+                self.weights = inference_weights(logits, r.prior, r.top_k)
+            self.last_input = x.detach()
+            self._version = r.version
+        self.inner.context.weights = self.weights
+        return self.inner(x)
+
+
+# -- the method -------------------------------------------------------------------------------
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over data-parallel ranks (itself on one rank): every rank masks alike."""
+    if _world() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / _world()
+
+
+def _from_rank0(V: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank 0's range-finder result on every rank, so every rank edits the router gradient alike."""
+    if _world() == 1:
+        return V, S
+    shape = torch.tensor(list(V.shape), dtype=torch.long)
+    dist.broadcast(shape, 0)
+    if dist.get_rank() != 0:
+        V = torch.empty(*shape.tolist(), dtype=torch.float64)
+        S = torch.empty(int(shape[1]), dtype=torch.float64)
+    V, S = V.contiguous(), S.contiguous()
+    dist.broadcast(V, 0)
+    dist.broadcast(S, 0)
+    return V, S
+
+
+def _token_masks(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) averaging weights over the prompt tokens, and (B, T) bool of every real token."""
+    valid = batch["attention_mask"].to(torch.bool)
+    prompt = valid & (batch["labels"] == -100) if "labels" in batch else valid
+    w = prompt.to(torch.float32)
+    return w / w.sum(1, keepdim=True).clamp_min(1.0), valid
+
+
+class LayerStats:
+    """One layer's statistics of the task in training: input covariance sums, utility/importance EMAs,
+    and the router's spectral subspace."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum: Optional[torch.Tensor] = None  # (d,)
+        self.sxx: Optional[torch.Tensor] = None  # (d, d)
+        self.util: Optional[torch.Tensor] = None  # (E,)
+        self.imp: Optional[torch.Tensor] = None  # (E,)
+        self.windows: list[torch.Tensor] = []  # singular values of the last refreshes
+        self.V: Optional[torch.Tensor] = None  # (d, r) router-input subspace
+        self.factors: Optional[torch.Tensor] = None  # (r,)
+
+    def add_inputs(self, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float32)
+        if x.shape[0] > COV_TOKENS:
+            x = x[torch.linspace(0, x.shape[0] - 1, COV_TOKENS).round().long()]
+        s = x.sum(0).to(torch.float64)
+        self.sum = s if self.sum is None else self.sum + s
+        xx = x.T @ x  # (d, d), float32: it is saved with the train stage's state
+        self.sxx = xx if self.sxx is None else self.sxx + xx
+        self.n += x.shape[0]
+
+    def covariance(self) -> Optional[torch.Tensor]:
+        if self.n < 2:
+            return None
+        mean = self.sum / self.n
+        return self.sxx.to(torch.float64) / self.n - torch.outer(mean, mean)
+
+    def update_ema(self, util: torch.Tensor, imp: torch.Tensor, decay: float) -> None:
+        if self.util is None or self.util.shape != util.shape:
+            self.util, self.imp = util.clone(), imp.clone()
+        else:
+            self.util = decay * self.util + (1 - decay) * util
+            self.imp = decay * self.imp + (1 - decay) * imp
+
+    _TENSORS = ("sum", "sxx", "util", "imp", "V", "factors")
+
+    def state(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"{prefix}.{k}": getattr(self, k).clone() for k in self._TENSORS if getattr(self, k) is not None}
+        for i, w in enumerate(self.windows):
+            tensors[f"{prefix}.window{i}"] = w.clone()
+        return tensors, {"n": self.n, "windows": len(self.windows)}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str) -> "LayerStats":
+        out = cls()
+        out.n = int(meta["n"])
+        for k in cls._TENSORS:
+            if f"{prefix}.{k}" in tensors:
+                setattr(out, k, tensors[f"{prefix}.{k}"].clone())
+        out.windows = [tensors[f"{prefix}.window{i}"].clone() for i in range(int(meta["windows"]))]
+        return out
+
+
+class Same(ContinualMethod):
+    """One FFN expert per task behind token-averaged routers; see the module docstring."""
+
+    name = "same"
+    needs_features = frozenset({"image", "text"})
+
+    def __init__(self, cfg: StreamConfig) -> None:
+        super().__init__(cfg)
+        self.hp = cfg.method.baselines
+        self.slots = TaskSlots(cfg.method.lora_rank, cfg.train.seed)
+        self.routing = SameRouting(top_k=self.hp.same_top_k)
+        self.layers: dict[str, SameLinear] = {}
+        self.anchors = TaskAnchors()
+        self.stats: dict[str, LayerStats] = {}
+        self.curvature: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> previous task's (U, S)
+        self.training = False
+        self._valid: Optional[torch.Tensor] = None  # (B, T) real tokens of the last training batch
+        self._gen = torch.Generator().manual_seed(cfg.train.seed)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        freeze(model.parameters())
+
+        def build(name: str, linear: nn.Linear, block: int) -> SameLinear:
+            inner = ExpertLinear(linear, context=RoutingContext(), scale=EXPERT_SCALE, block=block)
+            return SameLinear(inner, self.routing)
+
+        self.layers = replace_linears(model, FFN_TARGETS, build)
+        self.slots.layers = {name: layer.inner for name, layer in self.layers.items()}
+        self.stats = {name: LayerStats() for name in self.layers}
+
+    def begin_task(self, task: TaskInfo) -> None:
+        super().begin_task(task)
+        self.training = False
+        self.slots.open(task.index)
+        for layer in self.layers.values():
+            layer.add_row(task.index)
+        self.stats = {name: LayerStats() for name in self.layers}
+
+    def allocate(self) -> dict[str, Any]:
+        return {"slot": self.task.index, **self.slots.ranks(self.task.index)}
+
+    def begin_train(self) -> None:
+        self.slots.train_only(self.task.index)
+        for p in self._router_params():
+            p.requires_grad_(True)
+        self.training = True
+
+    def observe(self, batch: Batch, phase: Phase) -> None:
+        if phase == "aggregate":
+            self.anchors.observe(batch)
+
+    def end_task(self) -> dict[str, Any]:
+        freeze(self.slots.all_params())
+        freeze(self._router_params())
+        self.training = False
+        self.anchors.commit(self.task.index)
+        ranks = {}
+        for name, st in self.stats.items():
+            cov = st.covariance()
+            if cov is not None:
+                U, S = principal_subspace(cov, self.hp.same_energy)
+                self.curvature[name] = (U.to(torch.float32), S.to(torch.float32))
+                ranks[name] = U.shape[1]
+        masked = {n: int(l.mask.sum()) for n, l in self.layers.items() if l.mask is not None}
+        self.stats = {name: LayerStats() for name in self.layers}
+        for layer in self.layers.values():
+            layer.mask = None
+        return {"slot": self.task.index, "experts": len(self.slots),
+                "curvature_rank_mean": sum(ranks.values()) / max(1, len(ranks)),
+                "masked_experts_mean": sum(masked.values()) / max(1, len(masked))}
+
+    # -- per step ----------------------------------------------------------------------------
+    def _router_params(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers.values() for p in layer.router.values()]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        if not self.training:
+            return []
+        return self.slots.params(self.task.index) + self._router_params()
+
+    def route(self, batch: Batch, *, training: bool) -> None:
+        r = self.routing
+        r.version += 1
+        r.prior = None
+        if training:
+            if not self.training:
+                raise RuntimeError("Same.route(training=True): call begin_train first")
+            r.token_mask, self._valid = _token_masks(batch)
+            r.active, r.training, r.n_experts = True, True, self.task.index + 1
+            return
+        n = len(self.anchors)
+        r.training, r.n_experts, r.active = False, n, n > 0
+        r.token_mask, _ = _token_masks(batch)
+        if n:
+            sim = self.anchors.scores(batch, self.hp.same_prior_image_weight)
+            r.prior = torch.softmax(self.hp.same_prior_temperature * sim, dim=-1).to(torch.float32)
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Statistics, adaptive mask, spectral router projection and curvature scaling (see the module
+        docstring). Under data parallelism the gradients are already averaged; the masks' statistics
+        are averaged over ranks and the router subspace is rank 0's, so every rank edits alike. The
+        input covariance is each rank's own (the saved state is rank 0's)."""
+        if not self.training:
+            return
+        hp = self.hp
+        refresh = step >= hp.same_start and (step - hp.same_start) % hp.same_every == 0
+        mask = self.routing.token_mask  # (B, T) prompt-token averaging weights
+        for name, layer in self.layers.items():
+            st = self.stats[name]
+            x, pi = layer.last_input, layer.weights
+            if x is None or pi is None:
+                continue
+            pi = pi.detach().to(torch.float64)
+            xsq = torch.einsum("bt,bt->b", mask.to(torch.float64), x.to(torch.float64).pow(2).sum(-1))  # (B,)
+            util, imp = _mean_over_ranks(torch.stack([pi.mean(0), (pi * xsq[:, None]).mean(0)]))
+            st.update_ema(util, imp, hp.same_ema)
+            layer.mask = activation_mask(st.util, st.imp, hp.same_mask_threshold, self.task.index)
+            st.add_inputs(x[self._valid])
+            if refresh:
+                tokens = x[mask > 0].to(torch.float64)  # (N, d) the router's inputs
+                V, S = _from_rank0(*randomized_range_finder(tokens - tokens.mean(0), hp.same_k, generator=self._gen))
+                r = energy_rank(S.pow(2), hp.same_energy)
+                st.windows = (st.windows + [S])[-hp.same_windows:]
+                st.V, st.factors = V[:, :r], spectral_factors(st.windows, r, hp.same_scale_min, hp.same_scale_max)
+            if st.V is not None and step >= hp.same_start:
+                rows = [layer.router[str(s)] for s in range(self.task.index + 1)]
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in rows]
+                new = project_router_grad(torch.stack(grads).to(torch.float64), st.V, st.factors)
+                for p, g in zip(rows, new):
+                    p.grad = g.to(p.dtype)
+            if name in self.curvature:
+                A = layer.inner.slot(self.task.index).A
+                if A.grad is not None:
+                    U, S = self.curvature[name]
+                    A.grad = curvature_transform(A.grad.to(torch.float64), U, S, hp.same_mu).to(A.dtype)
+
+    # -- reporting ---------------------------------------------------------------------------
+    def routed_task(self) -> Optional[torch.Tensor]:
+        r = self.routing
+        if r.training:
+            return None
+        if not r.active:
+            return None if r.token_mask is None else torch.full((r.token_mask.shape[0],), -1, dtype=torch.long)
+        current = [l.weights for l in self.layers.values() if l._version == r.version and l.weights is not None]
+        votes = torch.stack(current).mean(0) if current else r.prior  # (B, n)
+        return votes.argmax(-1).long()
+
+    def params_added(self) -> int:
+        if self.task is None:
+            return 0
+        rows = sum(l.router[str(self.task.index)].numel() for l in self.layers.values()
+                   if str(self.task.index) in l.router)
+        return self.slots.numel(self.task.index) + rows
+
+    def ranks(self) -> dict[str, Any]:
+        return {} if self.task is None else self.slots.ranks(self.task.index)
+
+    # -- state -------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, expert_ranks = self.slots.state()
+        for name, layer in self.layers.items():
+            for slot, row in layer.router.items():
+                tensors[f"router.{name}.{slot}"] = row.detach().clone()
+            if layer.mask is not None:
+                tensors[f"mask.{name}"] = layer.mask.clone()
+        for name, (U, S) in self.curvature.items():
+            tensors[f"curvature.{name}.U"] = U.clone()
+            tensors[f"curvature.{name}.S"] = S.clone()
+        stats_meta = {}
+        for name, st in self.stats.items():
+            t, m = st.state(f"stats.{name}")
+            tensors.update(t)
+            stats_meta[name] = m
+        anchor_t, anchor_meta = self.anchors.state()
+        tensors.update(anchor_t)
+        meta = {
+            "method": self.name, "version": STATE_VERSION, "expert_ranks": expert_ranks,
+            "router_rows": {name: len(layer.router) for name, layer in self.layers.items()},
+            "curvature": sorted(self.curvature), "stats": stats_meta, "anchors": anchor_meta,
+            "task": task_to_json(self.task),
+        }
+        tensors["generator"] = self._gen.get_state()
+        return {k: v.detach().contiguous() for k, v in tensors.items()}, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        check_meta(meta, self.name, STATE_VERSION)
+        self.slots.load_state(tensors, meta["expert_ranks"])
+        for name, layer in self.layers.items():
+            layer.router = nn.ParameterDict()
+            for slot in range(int(meta["router_rows"].get(name, 0))):
+                layer.add_row(slot, tensors[f"router.{name}.{slot}"])
+            layer.mask = tensors[f"mask.{name}"].clone() if f"mask.{name}" in tensors else None
+        self.curvature = {name: (tensors[f"curvature.{name}.U"].clone(), tensors[f"curvature.{name}.S"].clone())
+                          for name in meta["curvature"]}
+        self.stats = {name: LayerStats.from_state(tensors, meta["stats"][name], f"stats.{name}") for name in self.layers}
+        self.anchors.load_state(tensors, meta["anchors"])
+        self.task = task_from_json(meta["task"])
+        self._gen.set_state(tensors["generator"].clone())
+        self.training = False

@@ -1,0 +1,130 @@
+"""Every registered method on the smoke stream, then workflows/compare.py over two of those streams.
+
+The smoke streams are written where compare.py puts them (``<dir>/<method>/seed_0``) with the config
+compare.py builds, so the comparison resumes them through their ledgers instead of training again.
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "workflows"))
+
+import compare  # noqa: E402
+import stream  # noqa: E402
+from cram_ray.methods import REGISTRY  # noqa: E402
+
+SMOKE = str(ROOT / "workflows/configs/smoke.yaml")
+SUMMARY_KEYS = {"method", "benchmark", "tasks", "accuracy_matrix", "mft", "mfn", "maa", "bwt",
+                "routing_accuracy", "params_added", "params_added_total", "stage_seconds", "mlflow_run_id"}
+ROUTED = {"cram", "hide", "same", "oracle"}  # methods that make a routing decision per sample
+
+
+@pytest.fixture(scope="module")
+def streams(tmp_path_factory):
+    return tmp_path_factory.mktemp("streams")
+
+
+def _common(cache_dir):
+    return ["--config", SMOKE, "--executor", "local", "--set", f"data.cache_dir={cache_dir}",
+            "--set", "tracking.enabled=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_method_runs_the_smoke_stream(streams, cache_dir, method):
+    out = streams / method / "seed_0"
+    assert stream.main([*_common(cache_dir), "--method", method, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary) and summary["method"] == method
+    assert [len(r) for r in summary["accuracy_matrix"]] == [1, 2, 3]
+    assert all(0.0 <= v <= 100.0 for row in summary["accuracy_matrix"] for v in row)
+    assert len(summary["params_added"]) == 3 and summary["params_added"][0] > 0
+    assert summary["params_added_total"] == sum(summary["params_added"])
+    if method in ROUTED:
+        assert 0.0 <= summary["routing_accuracy"] <= 100.0 and len(summary["routing_confusion"]) == 3
+    else:
+        assert summary["routing_accuracy"] is None
+    if method == "oracle":
+        assert summary["routing_accuracy"] == 100.0
+
+
+def _cells(markdown, method):
+    header = next(line for line in markdown.splitlines() if line.startswith("| method |"))
+    row = next(line for line in markdown.splitlines() if line.startswith(f"| {method} |"))
+    split = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    return dict(zip(split(header), split(row)))
+
+
+@pytest.mark.slow
+def test_compare_writes_json_table_and_plots_equal_to_the_summaries(streams, cache_dir):
+    methods = ["oracle", "olora"]
+    argv = [*_common(cache_dir), "--methods", ",".join(methods), "--seeds", "0", "--out", str(streams)]
+    assert compare.main(argv) == 0
+    summaries = json.loads((streams / "compare.json").read_text())
+    assert [s["method"] for s in summaries] == methods
+    for name in ("compare.md", "compare_bars.png", "accuracy_matrices.png"):
+        assert (streams / name).stat().st_size > 0
+    md = (streams / "compare.md").read_text()
+    for s in summaries:
+        assert s == json.loads((streams / s["method"] / "seed_0" / "summary.json").read_text()) | {
+            "run_dir": s["run_dir"]}
+        cells = _cells(md, s["method"])
+        for col, key in (("MFT", "mft"), ("MFN", "mfn"), ("MAA", "maa"), ("BWT", "bwt")):
+            assert cells[col] == f"{s[key]:.1f}"
+        assert cells["params added"] == str(s["params_added_total"])
+        assert cells["routing acc."] == ("-" if s["routing_accuracy"] is None else f"{s['routing_accuracy']:.1f}")
+        assert cells["stage time (s)"] == f"{compare.stage_time(s):.1f}"
+        assert cells["seeds"] == "1"
+        assert s["environment"]["packages"]["torch"]
+    assert "10 steps per task for every method" in md
+    # a second comparison resumes every finished stream without rerunning a stage
+    assert compare.main(argv) == 0
+    again = json.loads((streams / "compare.json").read_text())
+    assert all(s["stages_run"] == [] for s in again)
+    assert [s["accuracy_matrix"] for s in again] == [s["accuracy_matrix"] for s in summaries]
+
+
+def test_mean_and_std_over_seeds():
+    def fake(method, seed, mfn, routing):
+        return {"method": method, "seed": seed, "mft": 50.0, "mfn": mfn, "maa": 40.0, "bwt": -10.0,
+                "routing_accuracy": routing, "params_added_total": 100,
+                "stage_seconds": {"probe": 1.0, "train": 2.0, "startup": 9.0, "wall": 99.0}}
+
+    rows = compare.method_rows([fake("a", 0, 10.0, None), fake("a", 1, 20.0, None), fake("b", 0, 30.0, 90.0)],
+                               ["a", "b"])
+    a, b = rows
+    assert a["seeds"] == 2 and a["MFN"][0] == 15.0 and a["MFN"][1] == pytest.approx(7.0710678)
+    assert a["routing acc."] is None and a["params added"] == 100 and a["stage time (s)"] == (3.0, 0.0)
+    assert b["MFN"] == (30.0, None) and b["routing acc."] == (90.0, None)
+
+
+def test_report_logs_to_an_mlflow_parent_run(tmp_path):
+    from mlflow import MlflowClient
+
+    from cram_ray.config import load_config
+
+    cfg = load_config(SMOKE, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    summary = {"method": "a", "benchmark": "builtin", "tasks": ["x", "y"], "accuracy_matrix": [[50.0], [20.0, 60.0]],
+               "mft": 55.0, "mfn": 40.0, "maa": 45.0, "bwt": -30.0, "routing_accuracy": None,
+               "params_added_total": 7, "stage_seconds": {"train": 1.5}, "environment": {}}
+    parent = compare.ParentRun(cfg, tmp_path, "compare-test", {"compare.methods": "a"})
+    files = compare.report([summary], ["a"], [0], cfg, tmp_path / "out", "cmd", parent)
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    run = client.get_run(parent.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["a.mfn"] == 40.0
+    logged = {a.path for a in client.list_artifacts(parent.run_id)}
+    assert {f.name for f in files} <= logged
+
+
+def test_bad_input_fails_with_one_line(tmp_path, capsys):
+    assert compare.main(["--methods", "oracle,nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "method.name" in err and "nope" in err
+    assert compare.main(["--seeds", "0,x", "--out", str(tmp_path)]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert compare.main(["--methods", "oracle", "--set", "train.lrr=1", "--out", str(tmp_path)]) == 2
+    assert "train.lrr" in capsys.readouterr().err
+    assert not (tmp_path / "oracle").exists()

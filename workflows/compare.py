@@ -1,0 +1,289 @@
+"""Compare continual-learning methods on one benchmark: every method x seed, one table.
+
+    python workflows/compare.py --methods cram,same,olora,moelora,hide,lora_ft,oracle [--seeds 0,1,2]
+                                [--config YAML] [--benchmark MANIFEST] [--out DIR]
+                                [--executor local|ray] [--set key=value ...]
+
+Every (method, seed) stream runs, or resumes through its ledger, in ``DIR/<method>/seed_<s>/``
+with the same config (``--set train.seed=<s>`` and the method name are the only differences, so
+every method gets the same ``train.steps_per_task``). Then ``DIR/compare.json`` (the list of
+summaries), ``DIR/compare.md`` (MFT, MFN, MAA, BWT, routing accuracy, parameters added and stage
+time per method, mean ± std over seeds), ``DIR/compare_bars.png`` (MFN / BWT) and
+``DIR/accuracy_matrices.png`` are written and, with tracking on, logged to an MLflow parent run
+of which every stream's run is a child.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cram_ray.cli import fail_cleanly, resolve_config  # noqa: E402
+from cram_ray.config import ConfigError, StreamConfig, config_hash  # noqa: E402
+
+DEFAULT_METHODS = "cram,same,olora,moelora,hide,lora_ft,oracle"
+STAGES = ("probe", "allocate", "train", "aggregate", "evaluate")
+# table column -> how it is read from one summary
+COLUMNS = {
+    "MFT": lambda s: s["mft"],
+    "MFN": lambda s: s["mfn"],
+    "MAA": lambda s: s["maa"],
+    "BWT": lambda s: s["bwt"],
+    "routing acc.": lambda s: s.get("routing_accuracy"),
+    "params added": lambda s: s["params_added_total"],
+    "stage time (s)": lambda s: stage_time(s),
+}
+METRIC_KEYS = {"MFT": "mft", "MFN": "mfn", "MAA": "maa", "BWT": "bwt", "routing acc.": "routing_accuracy",
+               "params added": "params_added_total", "stage time (s)": "stage_seconds"}  # column -> MLflow key
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated methods (default: {DEFAULT_METHODS})")
+    parser.add_argument("--seeds", default="0", help="comma-separated integer seeds (default: 0)")
+    parser.add_argument("--config", help="YAML preset (default: built-in defaults)")
+    parser.add_argument("--benchmark", help="benchmark manifest YAML (default: the built-in benchmark)")
+    parser.add_argument("--out", default="runs/compare", help="output directory")
+    parser.add_argument("--executor", choices=["local", "ray"], help="overrides train.executor")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted config override applied to every run (repeatable)")
+    return parser
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError(f"--methods: expected comma-separated method names, got {text!r}")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods: a method is listed twice in {text!r}")
+    return methods
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: expected distinct comma-separated integers, got {text!r}")
+    return seeds
+
+
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    return out / method / f"seed_{seed}"
+
+
+def run_config(args: argparse.Namespace, method: str, seed: int, extra: list[str]) -> StreamConfig:
+    """The config of one stream: the shared one with the method, the seed and the run's own directory."""
+    ns = argparse.Namespace(**vars(args))
+    ns.method = method
+    ns.out = str(run_dir(Path(args.out).resolve(), method, seed))
+    ns.overrides = list(args.overrides) + [f"train.seed={seed}"] + extra
+    return resolve_config(ns)
+
+
+def stage_time(summary: dict[str, Any]) -> float:
+    """Seconds recorded by the stream's five stages (a resumed stream's wall time counts only the
+    part it reran, so the per-stage records are what compare across runs)."""
+    secs = summary["stage_seconds"]
+    return float(sum(secs.get(s, 0.0) for s in STAGES))
+
+
+def _mean_std(values: list[Any]) -> Any:
+    """``(mean, std)`` over seeds (sample std; None for one seed); None if no seed has a value."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    mean = statistics.fmean(vals)
+    return (mean, statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+def method_rows(summaries: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    """One table row per method: every column as (mean, std) over that method's seeds."""
+    rows = []
+    for method in methods:
+        runs = [s for s in summaries if s["method"] == method]
+        row: dict[str, Any] = {"method": method, "seeds": len(runs)}
+        for col, read in COLUMNS.items():
+            row[col] = _mean_std([read(s) for s in runs])
+        params = {s["params_added_total"] for s in runs}
+        if len(params) == 1:  # the same architecture under every seed: an exact integer
+            row["params added"] = params.pop()
+        rows.append(row)
+    return rows
+
+
+def mean_matrix(runs: list[dict[str, Any]]) -> list[list[float]]:
+    first = runs[0]["accuracy_matrix"]
+    return [[statistics.fmean(r["accuracy_matrix"][t][i] for r in runs) for i in range(len(row))]
+            for t, row in enumerate(first)]
+
+
+def render_markdown(rows: list[dict[str, Any]], summaries: list[dict[str, Any]], methods: list[str],
+                    seeds: list[int], cfg: StreamConfig, command: str) -> str:
+    from cram_ray.report.tables import markdown_table, matrix_markdown
+
+    first = summaries[0]
+    env = first.get("environment") or {}
+    pkgs = env.get("packages") or {}
+    lines = [
+        "# Methods compared", "",
+        f"- benchmark: {first['benchmark']} ({len(first['tasks'])} tasks: {', '.join(first['tasks'])})",
+        f"- budget: {cfg.train.steps_per_task} steps per task for every method, batch {cfg.train.batch_size}, "
+        f"lr {cfg.train.lr}; seeds: {', '.join(map(str, seeds))}; executor: {cfg.train.executor}",
+        f"- machine: {env.get('platform', '?')}, {env.get('cpu_count', '?')} CPUs, "
+        f"GPU: {env.get('gpu') or 'none'}; python {env.get('python', '?')}, torch {pkgs.get('torch', '?')}, "
+        f"transformers {pkgs.get('transformers', '?')}",
+        f"- command: `{command}`", "",
+        markdown_table(rows, ["method", "seeds", *COLUMNS]),
+        "Scores in percent (DESIGN §7): MFT = mean accuracy on each task right after learning it; MFN = mean "
+        "final accuracy; MAA = mean accuracy along the stream; BWT = mean final minus just-learned accuracy "
+        "(forgetting); routing acc. = share of test samples routed to their own task's expert (- = no "
+        "routing decision); params added = parameters the deployed model gained over the stream; stage time "
+        "= seconds recorded by the five stages. Mean ± sample std over seeds.", "",
+        "## Accuracy matrices (mean over seeds; row = after training task, column = task)", "",
+    ]
+    for method in methods:
+        runs = [s for s in summaries if s["method"] == method]
+        lines += [f"### {method}", "", matrix_markdown(mean_matrix(runs), runs[0]["tasks"])]
+    return "\n".join(lines)
+
+
+def plot_matrices(summaries: list[dict[str, Any]], methods: list[str], path: Path) -> Path:
+    """The seed-mean accuracy matrices of the methods side by side, one shared colour scale."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from cram_ray.eval.metrics import to_square
+
+    fig = Figure(figsize=(2.6 * len(methods) + 0.8, 2.9), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(methods), squeeze=False)[0]
+    image = None
+    for ax, method in zip(axes, methods):
+        runs = [s for s in summaries if s["method"] == method]
+        a = to_square(mean_matrix(runs))
+        image = ax.imshow(np.ma.masked_invalid(a), vmin=0.0, vmax=100.0, cmap="viridis")
+        n = a.shape[0]
+        if n <= 10:
+            for (r, c), v in np.ndenumerate(a):
+                if np.isfinite(v):
+                    ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if v < 50 else "black")
+        names = [t if len(t) <= 10 else t[:9] + "\u2026" for t in runs[0]["tasks"]]
+        ax.set_title(method, fontsize=9)
+        ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(n), names if ax is axes[0] else [""] * n, fontsize=7)
+    axes[0].set_ylabel("after training", fontsize=8)
+    fig.colorbar(image, ax=list(axes), fraction=0.02, pad=0.02, label="accuracy (%)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", bbox_inches="tight")
+    return path
+
+
+class ParentRun:
+    """The MLflow parent run of a comparison (a no-op with tracking disabled)."""
+
+    def __init__(self, cfg: StreamConfig, out: Path, name: str, params: dict[str, Any]) -> None:
+        from cram_ray.tracking.mlflow_tracker import StreamTracker
+
+        self.tracker = StreamTracker(cfg.tracking, out, name)
+        if cfg.tracking.enabled:
+            self.tracker.resume_run_id = self.tracker.find_run(name)
+        self.run_id = self.tracker.start(params)
+        self.tracker.set_tags({"cram_ray.kind": "compare"})
+
+    def adopt(self, child_run_id: Optional[str]) -> None:
+        """Show a stream's run under this one in the MLflow UI."""
+        if self.run_id and child_run_id:
+            from mlflow import MlflowClient
+
+            MlflowClient(tracking_uri=self.tracker.uri).set_tag(child_run_id, "mlflow.parentRunId", self.run_id)
+
+    def finish(self, metrics: dict[str, Any], files: list[Path]) -> None:
+        self.tracker.log_metrics(metrics)
+        for f in files:
+            self.tracker.log_artifact(f)
+        self.tracker.finish("FINISHED")
+
+    def fail(self) -> None:
+        self.tracker.finish("FAILED")
+
+
+def compare(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
+    from cram_ray.pipeline.run import run_and_report
+
+    methods = parse_methods(args.methods)
+    seeds = parse_seeds(args.seeds)
+    out = Path(args.out).resolve()
+    # every config is resolved (and checked) before the first stream starts
+    base = resolve_config(argparse.Namespace(**{**vars(args), "method": methods[0], "out": str(out)}))
+    extra: list[str] = []
+    if base.tracking.enabled and not base.tracking.uri:
+        from cram_ray.tracking.mlflow_tracker import default_tracking_uri
+
+        extra = [f"tracking.uri={default_tracking_uri(out)}"]  # one store: the streams' runs nest under the parent
+    configs = {(m, s): run_config(args, m, s, extra) for m in methods for s in seeds}
+    tracking_cfg = configs[(methods[0], seeds[0])]
+    name = "compare-" + config_hash({"methods": methods, "seeds": seeds, "config": base.replace(
+        **{"method.name": "-", "storage": "", "train.seed": 0}).to_dict()})[:10]
+    parent = ParentRun(tracking_cfg, out, name, {"compare.methods": ",".join(methods),
+                                                 "compare.seeds": ",".join(map(str, seeds)),
+                                                 "config": base.to_dict()})
+    summaries: list[dict[str, Any]] = []
+    try:
+        for method in methods:
+            for seed in seeds:
+                t0 = time.time()
+                print(f"[compare] {method} seed {seed} -> {run_dir(out, method, seed)}", flush=True)
+                summary = run_and_report(configs[(method, seed)], out=run_dir(out, method, seed))
+                summary["run_dir"] = str(run_dir(out, method, seed))
+                parent.adopt(summary.get("mlflow_run_id"))
+                summaries.append(summary)
+                print(f"[compare] {method} seed {seed} done in {time.time() - t0:.1f}s", flush=True)
+        report(summaries, methods, seeds, base, out, command, parent)
+    except BaseException:
+        parent.fail()
+        raise
+    print((out / "compare.md").read_text().split("\n## ")[0], flush=True)
+    return summaries
+
+
+def report(summaries: list[dict[str, Any]], methods: list[str], seeds: list[int], cfg: StreamConfig, out: Path,
+           command: str, parent: ParentRun) -> list[Path]:
+    """compare.json, compare.md and the plots from the streams' summaries; logged to the parent run."""
+    from cram_ray.report.plots import grouped_bars
+
+    rows = method_rows(summaries, methods)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "compare.json", out / "compare.md"]
+    files[0].write_text(json.dumps(summaries, indent=1))
+    files[1].write_text(render_markdown(rows, summaries, methods, seeds, cfg, command))
+    files.append(grouped_bars({r["method"]: {"MFN": r["MFN"], "BWT": r["BWT"]} for r in rows}, ["MFN", "BWT"],
+                              out / "compare_bars.png", title="Final accuracy (MFN) and forgetting (BWT)",
+                              ylabel="percent"))
+    files.append(plot_matrices(summaries, methods, out / "accuracy_matrices.png"))
+    metrics = {r["method"]: {METRIC_KEYS[c]: (r[c][0] if isinstance(r[c], tuple) else r[c]) for c in COLUMNS}
+               for r in rows}
+    parent.finish(metrics, files)
+    return files
+
+
+@fail_cleanly
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = "python workflows/compare.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    compare(args, command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
