@@ -41,7 +41,7 @@ from cram_ray.models.vlm import (
     save_vlm,
 )
 
-BASE_VERSION = 1  # bump when the training recipe changes, so stale caches are not reused
+BASE_VERSION = 2  # bump when the training recipe changes, so stale caches are not reused
 WARMUP_RATIO = 0.05
 WEIGHT_DECAY = 0.01
 GRAD_CLIP = 1.0

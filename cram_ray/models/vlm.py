@@ -107,8 +107,26 @@ def build_tiny_llava(cfg: ModelConfig, tok: CompactTokenizer) -> LlavaForConditi
         tie_word_embeddings=False,
     )
     config._attn_implementation = "sdpa"
-    model = LlavaForConditionalGeneration(config)
+    model = normalise_projector_input(LlavaForConditionalGeneration(config))
     return model.to(DTYPES[cfg.dtype])
+
+
+PROJECTOR_NORM_KEY = "model.multi_modal_projector.linear_1.0.weight"
+
+
+def normalise_projector_input(model: LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """Put a LayerNorm in front of the projector (tiny models trained from scratch only).
+
+    Llava reads the last vision layer *before* the tower's own final LayerNorm. Trained from
+    scratch, that residual stream grows without bound (measured: projected image tokens with norm
+    ~2000 against text embeddings of ~0.5), so the language model's per-token RMSNorm divides
+    every gradient into the vision pathway by that norm and the model learns to ignore the image.
+    Normalising the projector's input keeps both modalities on one scale.
+    """
+    projector = model.model.multi_modal_projector
+    width = projector.linear_1.in_features
+    projector.linear_1 = torch.nn.Sequential(torch.nn.LayerNorm(width), projector.linear_1)
+    return model
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -392,8 +410,12 @@ def load_vlm(directory: str | os.PathLike) -> VLM:
     cfg = model_config_from_dict(meta["model_config"])
     config = LlavaConfig.from_dict(meta["llava_config"])
     config._attn_implementation = "sdpa"
-    model = LlavaForConditionalGeneration(config).to(DTYPES[cfg.dtype])
-    model.load_state_dict(load_file(str(src / WEIGHTS_FILE)), strict=True)
+    model = LlavaForConditionalGeneration(config)
+    weights = load_file(str(src / WEIGHTS_FILE))
+    if PROJECTOR_NORM_KEY in weights:
+        model = normalise_projector_input(model)
+    model = model.to(DTYPES[cfg.dtype])
+    model.load_state_dict(weights, strict=True)
     model.eval()
     return VLM(model, compact_processor_from_settings(meta["processor"]), cfg, dict(meta.get("meta", {})))
 
