@@ -31,7 +31,7 @@ def connect(train: TrainConfig, log: Callable[[str], None] = print) -> str:
     if ray.is_initialized():
         return "existing"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    _quiet_data()
+    quiet_data()
     address = train.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -44,12 +44,13 @@ def connect(train: TrainConfig, log: Callable[[str], None] = print) -> str:
     except ConnectionError:
         pass
     cpus = local_cpus(train)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    # address="local": never attach to whatever cluster /tmp/ray/ray_current_cluster names
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
     log(f"[ray] started an embedded local cluster with {cpus} logical CPUs on {os.cpu_count()} cores")
     return "local"
 
 
-def _quiet_data() -> None:
+def quiet_data() -> None:
     """Ray Data's progress bars flood job logs; stage lines say what is happening instead."""
     from ray.data import DataContext
 

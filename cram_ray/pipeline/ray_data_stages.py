@@ -50,9 +50,9 @@ def split_dataset(ctx: StageContext, splits: list[tuple[int, str]]):
     """The rows of ``(task, split)`` pairs, each with ``pos``, ``split`` (index in ``splits``), ``group``."""
     import ray.data
 
-    from cram_ray.pipeline.ray_cluster import _quiet_data
+    from cram_ray.pipeline.ray_cluster import quiet_data
 
-    _quiet_data()
+    quiet_data()
     storage = ctx.storage
     bs = ctx.cfg.train.eval_batch_size
     parts = []
@@ -80,9 +80,13 @@ def group_partitions(ctx: StageContext, splits: list[tuple[int, str]]) -> int:
     return max(1, min(batches, 4 * max(1, ctx.cfg.train.num_workers)))
 
 
-def _pool(ctx: StageContext) -> dict[str, Any]:
+def _pool(ctx: StageContext, gpu: bool = False) -> dict[str, Any]:
+    """One actor per Train worker's worth of resources (a GPU each for generation on GPU clusters)."""
     train = ctx.cfg.train
-    return {"concurrency": max(1, train.num_workers), "num_cpus": train.cpus_per_worker}
+    pool: dict[str, Any] = {"concurrency": max(1, train.num_workers), "num_cpus": train.cpus_per_worker}
+    if gpu and train.use_gpu:
+        pool["num_gpus"] = 1
+    return pool
 
 
 # -- aggregate -------------------------------------------------------------------------------
@@ -90,7 +94,6 @@ class FeatureBatches:
     """Actor: one in-process training batch per group, with its routing features, as one row."""
 
     def __init__(self, ctx_json: dict[str, Any], task: int, needs: list[str]) -> None:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self.ctx = StageContext.from_json(ctx_json)
         self.task = task
         self.needs = frozenset(needs)
@@ -157,6 +160,8 @@ class Evaluator:
         self.rt = runtime(self.ctx)
         self.model, self.method = restore(self.ctx, task, "evaluate", self.rt, Path(tempfile.mkdtemp(prefix="cram-eval-")))
         seed_everything(self.ctx.cfg.train.seed, task, "evaluate")
+        self.device = torch.device("cuda") if self.ctx.cfg.train.use_gpu else torch.device("cpu")
+        self.model.to(self.device)
         self.vlm = replace(self.rt.vlm, model=self.model)
 
     def __call__(self, group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -167,6 +172,8 @@ class Evaluator:
         i = self.splits[int(group["split"][0])]
         recs = records_of(group)
         batch = with_features(self.rt.vlm.processor.prompt_batch(recs, [i] * len(recs)), self.method, self.rt)
+        if self.device.type != "cpu":
+            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with torch.no_grad():
             self.method.route(batch, training=False)
             preds = self.vlm.generate(batch, self.ctx.cfg.data.max_answer_len)
@@ -189,7 +196,7 @@ def stage_evaluate_ray(ctx: StageContext, task: int, workdir: Path) -> StageResu
     pairs = [(i, "test") for i in splits]
     out = split_dataset(ctx, pairs).groupby("group", num_partitions=group_partitions(ctx, pairs)).map_groups(
         Evaluator, fn_constructor_kwargs={"ctx_json": ctx.to_json(), "task": task, "splits": splits},
-        batch_format="numpy", **_pool(ctx))
+        batch_format="numpy", **_pool(ctx, gpu=True))
     got = sorted(((int(r["split"]), int(r["pos"]), json.loads(r["row"])) for r in out.iter_rows()),
                  key=lambda x: x[:2])
     startup = 0.0  # the actors' model restore overlaps the reads; it is part of the pass

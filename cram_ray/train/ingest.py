@@ -66,6 +66,17 @@ def positions_of(ids: Sequence[str], where: str) -> dict[str, int]:
 
 
 # -- the batch order -------------------------------------------------------------------------
+def epoch_order(seed: int, task: int, epoch: int, n: int, batch_size: int, salt: str) -> np.ndarray:
+    """Sample positions of one training epoch, full batches only: THE batch order of a task.
+
+    ``stages.train_stream`` (in-process) and :class:`StreamPlan` (Ray Data) must draw the same
+    order for the two executors to agree; both should call this (it needs no torch, so the Ray
+    Data tasks that plan rows stay light).
+    """
+    rng = np.random.default_rng([seed, task, epoch, len(salt)])
+    return rng.permutation(n)[: n - n % batch_size]
+
+
 @dataclass(frozen=True)
 class Phase:
     name: str  # "probe" | "train"
@@ -109,8 +120,7 @@ class StreamPlan:
 
     def epoch_order(self, epoch: int, salt: str) -> np.ndarray:
         """Positions of epoch ``epoch``'s samples, in stream order (= stages.train_stream)."""
-        rng = np.random.default_rng([self.seed, self.task, epoch, len(salt)])
-        return rng.permutation(self.n)[: self.per_epoch]
+        return epoch_order(self.seed, self.task, epoch, self.n, self.batch_size, salt)
 
     def rows_of(self, phase: int) -> int:
         return self.phases[phase].steps * self.batch_size

@@ -154,6 +154,13 @@ class PhaseBatches:
         return self.features(self.collate(mine))
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Tensors of a batch on the worker's device (routing features are computed on CPU first)."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 # -- ranks agree -----------------------------------------------------------------------------
 def broadcast_json(value: Any) -> Any:
     """Rank 0's JSON-able ``value`` on every rank."""
@@ -185,6 +192,7 @@ def input_fingerprint(ctx: StageContext, task: int, stage: str) -> Optional[str]
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point of a fused run (see the module docstring). ``config`` is JSON-able."""
     import ray.train
+    import ray.train.torch
 
     from cram_ray.pipeline.stages import restore, run_allocate, run_probe, run_train, save_state, with_features
 
@@ -203,6 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rt = runtime(ctx)
     processor = rt.vlm.processor
     pixel_dtype = next(rt.vlm.model.parameters()).dtype
+    device = ray.train.torch.get_device() if ctx.cfg.train.use_gpu else torch.device("cpu")
     resume = _resume_point(ray.train.get_checkpoint())
     startup = time.time() - t_start
     log = _logger(ctx, task, rank)
@@ -233,7 +242,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 batches = PhaseBatches(
                     stream, phase, rank=rank, shared=plan.phases[phase].shared, start=start_step,
                     collate=lambda rows: collate_train(rows, pad_id=processor.text.pad_id, pixel_dtype=pixel_dtype),
-                    features=lambda b, m=method: with_features(b, m, rt),
+                    features=lambda b, m=method: to_device(with_features(b, m, rt), device),
                 )
                 fit = _ray_fit(ctx, task, stage, rank, fingerprint, batches, start_dir, config.get(FAULT_KEY), log)
                 body = run_probe if stage == "probe" else run_train
@@ -256,6 +265,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             barrier()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+    if resume:
+        shutil.rmtree(resume["local"], ignore_errors=True)
     ray.train.report({"done": 1.0, **{f"seconds_{k}": v for k, v in timings.items()}})
 
 
@@ -267,8 +278,9 @@ def _resume_point(checkpoint: Any) -> Optional[dict[str, Any]]:
     path = Path(checkpoint.to_directory(str(local)))
     meta_file = path / CKPT_META
     if not meta_file.is_file():
+        shutil.rmtree(local, ignore_errors=True)
         return None
-    return {"dir": path, "meta": json.loads(meta_file.read_text()), "path": checkpoint.path}
+    return {"dir": path, "local": local, "meta": json.loads(meta_file.read_text()), "path": checkpoint.path}
 
 
 def _logger(ctx: StageContext, task: int, rank: int) -> Callable[[str], None]:

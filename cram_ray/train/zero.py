@@ -79,8 +79,10 @@ def deepspeed_config(
         zero.update({"contiguous_gradients": True, "overlap_comm": False})
     if stage == 3:
         # Methods read parameters outside module forwards (routing centroids, the decoupling
-        # penalty's frozen expert bases), where ZeRO-3 would hand them an empty shard: every
-        # parameter stays whole ("persistent"); gradients and optimizer state are still partitioned.
+        # penalty's expert bases, state() after the fit). Every parameter is "persistent": fetched
+        # once and kept whole, so ZeRO-3 partitions gradients and optimizer state (as ZeRO-2) but
+        # not the parameters themselves; partitioning a 7B frozen base needs methods that gather
+        # what they read (deepspeed.zero.GatheredParameters), which ours do not.
         zero.update({"stage3_param_persistence_threshold": PERSIST_ALL})
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,

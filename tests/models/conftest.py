@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cram_ray.config import StreamConfig
 from models_testdata import scene_records, scene_vocabulary
 
 
-@pytest.fixture(scope="session")
-def records_fn():
-    return scene_records
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast and much faster on a shared, busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from cram_ray.pipeline.driver import prepare_data
 from cram_ray.pipeline.ray_executor import RayExecutor
 from cram_ray.train.trainer import FAULT_ENV, runs_root
 
-from conftest import smoke_config
+from ray_helpers import smoke_config
 
 pytestmark = pytest.mark.ray
 
