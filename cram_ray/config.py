@@ -60,10 +60,12 @@ class DataConfig:
 class BaseTrainConfig:
     """Stage 0: pretraining the tiny VLM on a generic caption/QA mix (cached by config hash)."""
 
-    steps: int = 1500  # optimizer steps; 0 = use the randomly initialised model as is
+    steps: int = 1200  # optimizer steps; 0 = use the randomly initialised model as is
     batch_size: int = 32
     lr: float = 2e-3
     samples: int = 6000  # distinct caption/QA records generated for the mix
+    vision_steps: int = 1500  # stage 0a: the vision tower alone answers the mix's short questions first
+    vision_lr: float = 1e-3
     seed: int = 0
 
 
@@ -78,6 +80,7 @@ class ModelConfig:
     patch_size: int = 8  # (image_size / patch_size)^2 image tokens
     vision_hidden: int = 128
     vision_layers: int = 3
+    conv_stem: bool = True  # tiny model: stride-2 conv stages instead of one patchify conv (learns shape from little data)
     vision_heads: int = 4
     text_hidden: int = 256
     text_layers: int = 4
@@ -217,8 +220,19 @@ class TuneConfig:
     mode: Literal["max", "min"] = "max"
     param_budget: int = 0  # hard cap on parameters added (0 = none)
     max_concurrent_trials: int = 1
-    cpus_per_trial: float = 1.0
-    search_space: dict[str, Any] = field(default_factory=dict)  # dotted key -> {type, values|low/high}
+    cpus_per_trial: float = 1.0  # CPUs the trial's driver function reserves (its Train workers ask for their own)
+    search_space: dict[str, Any] = field(default_factory=dict)  # dotted key -> {type, values|low/high}; {} = CRAM defaults
+    seed: int = 0  # searcher seed
+    grace_tasks: int = 1  # ASHA: tasks every trial runs before it can be stopped
+    reduction_factor: int = 2  # ASHA: keep 1 / reduction_factor of the trials at each rung
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_concurrent_trials < 1:
+            raise ConfigError("tune.num_samples / max_concurrent_trials: expected >= 1")
+        if self.grace_tasks < 1 or self.reduction_factor < 2:
+            raise ConfigError("tune.grace_tasks / reduction_factor: expected >= 1 / >= 2")
+        if self.param_budget < 0 or self.cpus_per_trial < 0:
+            raise ConfigError("tune.param_budget / cpus_per_trial: expected >= 0")
 
 
 @dataclass

@@ -110,7 +110,9 @@ def test_report_logs_to_an_mlflow_parent_run(tmp_path):
     summary = {"method": "a", "benchmark": "builtin", "tasks": ["x", "y"], "accuracy_matrix": [[50.0], [20.0, 60.0]],
                "mft": 55.0, "mfn": 40.0, "maa": 45.0, "bwt": -30.0, "routing_accuracy": None,
                "params_added_total": 7, "stage_seconds": {"train": 1.5}, "environment": {}}
-    parent = compare.ParentRun(cfg, tmp_path, "compare-test", {"compare.methods": "a"})
+    from cram_ray.tracking.mlflow_tracker import ParentRun
+
+    parent = ParentRun(cfg, tmp_path, "compare-test", {"compare.methods": "a"}, kind="compare")
     files = compare.report([summary], ["a"], [0], cfg, tmp_path / "out", "cmd", parent)
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     run = client.get_run(parent.run_id)
@@ -128,3 +130,21 @@ def test_bad_input_fails_with_one_line(tmp_path, capsys):
     assert compare.main(["--methods", "oracle", "--set", "train.lrr=1", "--out", str(tmp_path)]) == 2
     assert "train.lrr" in capsys.readouterr().err
     assert not (tmp_path / "oracle").exists()
+
+
+def test_variants_are_methods_with_settings_changed(tmp_path):
+    assert compare.variant_overrides("cram") == []
+    assert compare.variant_overrides("cram@router=rbf+lambda_dec=0") == ["method.cram.router=rbf",
+                                                                        "method.cram.lambda_dec=0"]
+    assert compare.variant_overrides("lora_ft@train.lr=1e-3") == ["train.lr=1e-3"]
+    args = compare.build_parser().parse_args(["--config", SMOKE, "--out", str(tmp_path)])
+    cfg = compare.run_config(args, "cram@router=rbf", 3, [])
+    assert cfg.method.name == "cram" and cfg.method.cram.router == "rbf" and cfg.train.seed == 3
+    assert cfg.storage == str(tmp_path.resolve() / "cram@router=rbf" / "seed_3")
+    fake = {"method": "cram", "mft": 50.0, "maa": 40.0, "bwt": -1.0, "routing_accuracy": 90.0,
+            "params_added_total": 100, "stage_seconds": {"train": 2.0}}
+    rows = compare.method_rows([{**fake, "mfn": 50.0, "label": "cram"},
+                                {**fake, "mfn": 70.0, "label": "cram@router=rbf"}], ["cram", "cram@router=rbf"])
+    assert [r["method"] for r in rows] == ["cram", "cram@router=rbf"]
+    assert rows[1]["MFN"][0] == 70.0
+    assert compare.main(["--methods", "cram@router", "--out", str(tmp_path)]) == 2

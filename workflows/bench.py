@@ -2,6 +2,10 @@
 
 Subcommands:
   rank   time CRAM's adaptive-rank allocation over the target linears of a 7B-sized model
+  base   does the tiny base read its images? held-out exact match per question, beside the same
+         questions asked with the images shuffled between records
+  probe  how much of each built-in task's answer a linear classifier reads from the base's
+         projected image tokens (test accuracy of a logistic regression per task)
 """
 from __future__ import annotations
 
@@ -41,6 +45,95 @@ def bench_rank(args: argparse.Namespace) -> None:
     print(f"ranks: min {min(ranks)}, max {max(ranks)}, sum {sum(ranks)}")
 
 
+def bench_base(args: argparse.Namespace) -> None:
+    """Greedy exact match of the cached (or newly trained) tiny base on held-out mix records, per
+    question, with the true images and with the images shuffled between records."""
+    import collections
+    import dataclasses
+
+    import numpy as np
+
+    from cram_ray.config import load_config
+    from cram_ray.data.builtin import vocabulary_texts
+    from cram_ray.data.pretrain_mix import pretrain_records
+    from cram_ray.models.base import HELDOUT_SEED_OFFSET, get_base_vlm
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.kind != "tiny" or cfg.data.benchmark:
+        raise SystemExit("error: bench.py base: expected the tiny model on the built-in benchmark")
+    torch.manual_seed(0)
+    vlm = get_base_vlm(cfg, sorted(set(vocabulary_texts())))
+    records = pretrain_records(args.records, cfg.model.image_size, cfg.model.base.seed + HELDOUT_SEED_OFFSET)
+    perm = np.random.default_rng(0).permutation(len(records))
+    shuffled = [dataclasses.replace(r, image=records[j].image) for r, j in zip(records, perm)]
+
+    def answers(recs):
+        out = []
+        for i in range(0, len(recs), 64):
+            chunk = recs[i:i + 64]
+            with torch.no_grad():
+                out += vlm.generate(vlm.processor.prompt_batch(chunk, [0] * len(chunk)), cfg.data.max_answer_len)
+        return out
+
+    real, fake = answers(records), answers(shuffled)
+    table: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+    for r, a, b in zip(records, real, fake):
+        row = table[r.instruction]
+        row[0] += 1
+        row[1] += a == r.answer.strip()
+        row[2] += b == r.answer.strip()
+    n = len(records)
+    print(f"base {vlm.meta.get('base_dir')}: {vlm.meta.get('steps')} steps, "
+          f"{vlm.meta.get('train_seconds')} s training, vision warm-up accuracy {vlm.meta.get('vision_warmup_accuracy')}")
+    print(f"{'question':44s} {'n':>4s} {'exact %':>8s} {'shuffled %':>10s}")
+    for q, (c, hit, hit_shuffled) in sorted(table.items(), key=lambda kv: -kv[1][0]):
+        print(f"{q[:44]:44s} {c:4d} {100 * hit / c:8.1f} {100 * hit_shuffled / c:10.1f}")
+    print(f"{'all':44s} {n:4d} {100 * sum(v[1] for v in table.values()) / n:8.1f} "
+          f"{100 * sum(v[2] for v in table.values()) / n:10.1f}")
+    print(f"answers that change when the images are shuffled: {100 * sum(a != b for a, b in zip(real, fake)) / n:.1f}%")
+
+
+def bench_probe(args: argparse.Namespace) -> None:
+    """Logistic regression from the frozen base's projected image tokens to each task's answer."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from cram_ray.config import load_config
+    from cram_ray.data.builtin import generate_builtin, vocabulary_texts
+    from cram_ray.data.manifest import load_benchmark
+    from cram_ray.models.base import get_base_vlm
+    from cram_ray.models.vision_warmup import patch_tokens
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.kind != "tiny" or cfg.data.benchmark:
+        raise SystemExit("error: bench.py probe: expected the tiny model on the built-in benchmark")
+    vlm = get_base_vlm(cfg, sorted(set(vocabulary_texts())))
+    bench = load_benchmark(generate_builtin(cfg.data.builtin, Path(cfg.data.cache_dir).expanduser() / "builtin"))
+    drop_cls = getattr(vlm.model.config, "vision_feature_select_strategy", "default") == "default"
+    wanted = [t for t in args.tasks.split(",") if t] or [t.name for t in bench.tasks]
+
+    def features(records):
+        parts = []
+        for i in range(0, len(records), 100):
+            pixels = vlm.processor.pixel_values([r.image for r in records[i:i + 100]])
+            with torch.no_grad():
+                parts.append(vlm.model.model.multi_modal_projector(patch_tokens(vlm.model, pixels, drop_cls)).flatten(1))
+        return torch.cat(parts).float().numpy()
+
+    print(f"{'task':14s} {'classes':>7s} {'train':>6s} {'test':>5s} {'probe acc %':>11s} {'majority %':>10s}")
+    for task in bench.tasks:
+        if task.name not in wanted:
+            continue
+        train, test = task.records("train"), task.records("test")
+        x_tr, x_te = features(train), features(test)
+        mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+        classes = sorted({r.answer for r in train})
+        clf = LogisticRegression(max_iter=300, C=0.1).fit((x_tr - mu) / sd, [r.answer for r in train])
+        acc = float(np.mean(clf.predict((x_te - mu) / sd) == np.array([r.answer for r in test])))
+        majority = max(sum(r.answer == c for r in test) for c in classes) / len(test)
+        print(f"{task.name:14s} {len(classes):7d} {len(train):6d} {len(test):5d} {100 * acc:11.1f} {100 * majority:10.1f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="torch threads; 1 = what a 1-CPU Ray task gets (0 = torch's default)")
     rank.add_argument("--seed", type=int, default=0)
     rank.set_defaults(func=bench_rank)
+
+    base = sub.add_parser("base", help="held-out accuracy of the tiny base with true vs shuffled images")
+    base.add_argument("--config", default=str(Path(__file__).resolve().parent / "configs/tiny-cpu.yaml"))
+    base.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    base.add_argument("--records", type=int, default=400, help="held-out mix records")
+    base.set_defaults(func=bench_base)
+
+    probe = sub.add_parser("probe", help="linear probes of the base's image tokens on the built-in tasks")
+    probe.add_argument("--config", default=str(Path(__file__).resolve().parent / "configs/tiny-cpu.yaml"))
+    probe.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    probe.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
+    probe.set_defaults(func=bench_probe)
     return parser
 
 

@@ -1,6 +1,7 @@
 """Compare continual-learning methods on one benchmark: every method x seed, one table.
 
     python workflows/compare.py --methods cram,same,olora,moelora,hide,lora_ft,oracle [--seeds 0,1,2]
+    python workflows/compare.py --methods cram,cram@router=rbf   # a variant: a method with settings changed
                                 [--config YAML] [--benchmark MANIFEST] [--out DIR]
                                 [--executor local|ray] [--set key=value ...]
 
@@ -76,6 +77,30 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def method_of(label: str) -> str:
+    """``cram@router=rbf`` -> ``cram``: the registered method a table entry runs."""
+    return label.split("@", 1)[0]
+
+
+def variant_overrides(label: str) -> list[str]:
+    """``cram@router=rbf+lambda_dec=0`` -> ``["method.cram.router=rbf", "method.cram.lambda_dec=0"]``:
+    a variant is a method with a few settings changed; an undotted key is one of the method's own."""
+    if "@" not in label:
+        return []
+    name, spec = label.split("@", 1)
+    out = []
+    for item in spec.split("+"):
+        if "=" not in item:
+            raise ConfigError(f"--methods: variant '{label}': expected name@key=value[+key=value], got {item!r}")
+        key, value = item.split("=", 1)
+        out.append(f"{key if '.' in key else f'method.{name}.{key}'}={value}")
+    return out
+
+
+def label_of(summary: dict[str, Any]) -> str:
+    return summary.get("label") or summary["method"]
+
+
 def run_dir(out: Path, method: str, seed: int) -> Path:
     return out / method / f"seed_{seed}"
 
@@ -83,9 +108,9 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
 def run_config(args: argparse.Namespace, method: str, seed: int, extra: list[str]) -> StreamConfig:
     """The config of one stream: the shared one with the method, the seed and the run's own directory."""
     ns = argparse.Namespace(**vars(args))
-    ns.method = method
+    ns.method = method_of(method)
     ns.out = str(run_dir(Path(args.out).resolve(), method, seed))
-    ns.overrides = list(args.overrides) + [f"train.seed={seed}"] + extra
+    ns.overrides = list(args.overrides) + variant_overrides(method) + [f"train.seed={seed}"] + extra
     return resolve_config(ns)
 
 
@@ -109,7 +134,7 @@ def method_rows(summaries: list[dict[str, Any]], methods: list[str]) -> list[dic
     """One table row per method: every column as (mean, std) over that method's seeds."""
     rows = []
     for method in methods:
-        runs = [s for s in summaries if s["method"] == method]
+        runs = [s for s in summaries if label_of(s) == method]
         row: dict[str, Any] = {"method": method, "seeds": len(runs)}
         for col, read in COLUMNS.items():
             row[col] = _mean_std([read(s) for s in runs])
@@ -151,7 +176,7 @@ def render_markdown(rows: list[dict[str, Any]], summaries: list[dict[str, Any]],
         "## Accuracy matrices (mean over seeds; row = after training task, column = task)", "",
     ]
     for method in methods:
-        runs = [s for s in summaries if s["method"] == method]
+        runs = [s for s in summaries if label_of(s) == method]
         lines += [f"### {method}", "", matrix_markdown(mean_matrix(runs), runs[0]["tasks"])]
     return "\n".join(lines)
 
@@ -169,7 +194,7 @@ def plot_matrices(summaries: list[dict[str, Any]], methods: list[str], path: Pat
     axes = fig.subplots(1, len(methods), squeeze=False)[0]
     image = None
     for ax, method in zip(axes, methods):
-        runs = [s for s in summaries if s["method"] == method]
+        runs = [s for s in summaries if label_of(s) == method]
         a = to_square(mean_matrix(runs))
         image = ax.imshow(np.ma.masked_invalid(a), vmin=0.0, vmax=100.0, cmap="viridis")
         n = a.shape[0]
@@ -189,35 +214,6 @@ def plot_matrices(summaries: list[dict[str, Any]], methods: list[str], path: Pat
     return path
 
 
-class ParentRun:
-    """The MLflow parent run of a comparison (a no-op with tracking disabled)."""
-
-    def __init__(self, cfg: StreamConfig, out: Path, name: str, params: dict[str, Any]) -> None:
-        from cram_ray.tracking.mlflow_tracker import StreamTracker
-
-        self.tracker = StreamTracker(cfg.tracking, out, name)
-        if cfg.tracking.enabled:
-            self.tracker.resume_run_id = self.tracker.find_run(name)
-        self.run_id = self.tracker.start(params)
-        self.tracker.set_tags({"cram_ray.kind": "compare"})
-
-    def adopt(self, child_run_id: Optional[str]) -> None:
-        """Show a stream's run under this one in the MLflow UI."""
-        if self.run_id and child_run_id:
-            from mlflow import MlflowClient
-
-            MlflowClient(tracking_uri=self.tracker.uri).set_tag(child_run_id, "mlflow.parentRunId", self.run_id)
-
-    def finish(self, metrics: dict[str, Any], files: list[Path]) -> None:
-        self.tracker.log_metrics(metrics)
-        for f in files:
-            self.tracker.log_artifact(f)
-        self.tracker.finish("FINISHED")
-
-    def fail(self) -> None:
-        self.tracker.finish("FAILED")
-
-
 def compare(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
     from cram_ray.pipeline.run import run_and_report
 
@@ -225,7 +221,7 @@ def compare(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
     seeds = parse_seeds(args.seeds)
     out = Path(args.out).resolve()
     # every config is resolved (and checked) before the first stream starts
-    base = resolve_config(argparse.Namespace(**{**vars(args), "method": methods[0], "out": str(out)}))
+    base = resolve_config(argparse.Namespace(**{**vars(args), "method": method_of(methods[0]), "out": str(out)}))
     extra: list[str] = []
     if base.tracking.enabled and not base.tracking.uri:
         from cram_ray.tracking.mlflow_tracker import default_tracking_uri
@@ -235,9 +231,11 @@ def compare(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
     tracking_cfg = configs[(methods[0], seeds[0])]
     name = "compare-" + config_hash({"methods": methods, "seeds": seeds, "config": base.replace(
         **{"method.name": "-", "storage": "", "train.seed": 0}).to_dict()})[:10]
+    from cram_ray.tracking.mlflow_tracker import ParentRun
+
     parent = ParentRun(tracking_cfg, out, name, {"compare.methods": ",".join(methods),
                                                  "compare.seeds": ",".join(map(str, seeds)),
-                                                 "config": base.to_dict()})
+                                                 "config": base.to_dict()}, kind="compare")
     summaries: list[dict[str, Any]] = []
     try:
         for method in methods:
@@ -246,6 +244,7 @@ def compare(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
                 print(f"[compare] {method} seed {seed} -> {run_dir(out, method, seed)}", flush=True)
                 summary = run_and_report(configs[(method, seed)], out=run_dir(out, method, seed))
                 summary["run_dir"] = str(run_dir(out, method, seed))
+                summary["label"] = method
                 parent.adopt(summary.get("mlflow_run_id"))
                 summaries.append(summary)
                 print(f"[compare] {method} seed {seed} done in {time.time() - t0:.1f}s", flush=True)

@@ -16,6 +16,7 @@ import fcntl
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ import torch
 from cram_ray.config import BaseTrainConfig, StreamConfig, config_hash
 from cram_ray.data.records import Record
 from cram_ray.models.tokenizer import CompactTokenizer
+from cram_ray.models.vision_warmup import warm_up_vision
 from cram_ray.models.vlm import (
     IGNORE_INDEX,
     META_FILE,
@@ -41,10 +43,12 @@ from cram_ray.models.vlm import (
     save_vlm,
 )
 
-BASE_VERSION = 2  # bump when the training recipe changes, so stale caches are not reused
+BASE_VERSION = 3  # bump when the training recipe changes, so stale caches are not reused
 WARMUP_RATIO = 0.05
 WEIGHT_DECAY = 0.01
 GRAD_CLIP = 1.0
+VISION_LR_MULT = 0.25  # the warmed-up vision tower moves slower than the fresh projector and language model
+VISION_PREFIXES = ("model.vision_tower.",)
 HELDOUT_RECORDS = 256
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out records come from a different seed than training ones
 LOG_EVERY = 100
@@ -123,10 +127,14 @@ def pretrain(vlm: VLM, records: Sequence[Record], base: BaseTrainConfig, log: Lo
     model = vlm.model
     for p in model.parameters():
         p.requires_grad_(True)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    keep = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        vision = name.startswith(VISION_PREFIXES)
+        decays = p.ndim >= 2 and "embed" not in name
+        groups.setdefault((vision, decays), []).append(p)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": keep, "weight_decay": 0.0}],
+        [{"params": ps, "lr": base.lr * (VISION_LR_MULT if vision else 1.0), "weight_decay": WEIGHT_DECAY if decays else 0.0}
+         for (vision, decays), ps in groups.items()],
         lr=base.lr, betas=(0.9, 0.98),
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, base.steps))
@@ -197,7 +205,9 @@ def get_base_vlm(
         default_mix, default_vocab = _default_mix()
         mix = mix or default_mix
         vocabulary = default_vocab if vocabulary is None else vocabulary
-    mix_name = f"{getattr(mix, '__module__', '?')}.{getattr(mix, '__qualname__', repr(mix))}"
+    module = getattr(mix, "__module__", "?")
+    mix_version = getattr(sys.modules.get(module), "MIX_VERSION", 0)
+    mix_name = f"{module}.{getattr(mix, '__qualname__', repr(mix))}@{mix_version}"
     tok = CompactTokenizer.build(list(vocabulary) + list(corpus_texts))
     key = base_key(cfg, tok, mix_name)
     root = base_root(cfg)
@@ -230,6 +240,7 @@ def _train_and_publish(cfg: StreamConfig, tok: CompactTokenizer, mix: MixFn, fin
     if base.steps > 0:
         records = mix(base.samples, cfg.model.image_size, base.seed)
         gen_seconds = time.time() - t0
+        warm = warm_up_vision(vlm, records, base.vision_steps, base.batch_size, base.vision_lr, base.seed, log)
         losses = pretrain(vlm, records, base, log)
         train_seconds = time.time() - t0 - gen_seconds
         held = mix(min(HELDOUT_RECORDS, base.samples), cfg.model.image_size, base.seed + HELDOUT_SEED_OFFSET)
@@ -238,12 +249,14 @@ def _train_and_publish(cfg: StreamConfig, tok: CompactTokenizer, mix: MixFn, fin
             f"held-out exact match {100 * heldout:.1f}% on {len(held)} mix records")
     else:
         gen_seconds = train_seconds = 0.0
+        warm = {}
     vlm.model.to(dict(float32=torch.float32, bfloat16=torch.bfloat16)[cfg.model.dtype])
     vlm.processor = compact_processor(cfg.model, cfg.data, tok)
     vlm.meta = {
         "parameters": n_params,
         "steps": base.steps,
         "final_loss": float(np.mean(losses[-LOG_EVERY:])) if losses else None,
+        **(warm if base.steps > 0 else {}),
         "heldout_exact": None if math.isnan(heldout) else heldout,
         "mix_seconds": round(gen_seconds, 2),
         "train_seconds": round(train_seconds, 2),

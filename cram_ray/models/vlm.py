@@ -108,7 +108,54 @@ def build_tiny_llava(cfg: ModelConfig, tok: CompactTokenizer) -> LlavaForConditi
     )
     config._attn_implementation = "sdpa"
     model = normalise_projector_input(LlavaForConditionalGeneration(config))
+    if cfg.conv_stem:
+        model = use_conv_stem(model)
     return model.to(DTYPES[cfg.dtype])
+
+
+STEM_SUFFIX = "embeddings.patch_embedding.stages.0.weight"  # a saved tower with a ConvStem has this key
+
+
+class ConvStem(torch.nn.Module):
+    """A patch embedding made of stride-2 3x3 convolutions (same output grid as the patchify conv).
+
+    A vision transformer trained from scratch on a few thousand small images learns colour (a
+    per-patch mean) but not shape, digits or words when its only local operator is one linear map
+    per patch (measured on the tiny base: shape naming at chance after 1500 steps). A convolutional
+    stem gives the tower locality from the start, the usual remedy for small-data ViTs.
+    """
+
+    def __init__(self, hidden: int, patch: int) -> None:
+        super().__init__()
+        if patch < 2 or patch & (patch - 1):
+            raise ValueError(f"model.patch_size: a convolutional stem needs a power of two >= 2, got {patch}")
+        n = patch.bit_length() - 1  # stride-2 stages
+        widths = [min(hidden, 32 * 2 ** i) for i in range(n)]
+        stages, cin = [], 3
+        for w in widths:
+            stages.append(torch.nn.Conv2d(cin, w, 3, stride=2, padding=1))
+            cin = w
+        self.stages = torch.nn.ModuleList(stages)
+        self.norms = torch.nn.ModuleList(torch.nn.GroupNorm(1, w) for w in widths)
+        self.out = torch.nn.Conv2d(cin, hidden, 1)
+
+    @property
+    def weight(self) -> torch.Tensor:  # CLIP reads the patch embedding's weight for the input dtype
+        return self.out.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, norm in zip(self.stages, self.norms):
+            x = torch.nn.functional.gelu(norm(conv(x)))
+        return self.out(x)
+
+
+def use_conv_stem(model: LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """Replace the vision tower's patchify convolution with a :class:`ConvStem` (tiny models only)."""
+    tower = model.model.vision_tower
+    embeddings = getattr(tower, "vision_model", tower).embeddings  # the embeddings sit at either depth by version
+    old = embeddings.patch_embedding
+    embeddings.patch_embedding = ConvStem(old.out_channels, old.kernel_size[0])
+    return model
 
 
 PROJECTOR_NORM_KEY = "model.multi_modal_projector.linear_1.0.weight"
@@ -414,6 +461,8 @@ def load_vlm(directory: str | os.PathLike) -> VLM:
     weights = load_file(str(src / WEIGHTS_FILE))
     if PROJECTOR_NORM_KEY in weights:
         model = normalise_projector_input(model)
+    if any(k.startswith("model.vision_tower.") and k.endswith(STEM_SUFFIX) for k in weights):
+        model = use_conv_stem(model)
     model = model.to(DTYPES[cfg.dtype])
     model.load_state_dict(weights, strict=True)
     model.eval()

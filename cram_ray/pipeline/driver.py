@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from cram_ray.config import StreamConfig, config_hash
 from cram_ray.eval.metrics import summarize
@@ -123,8 +123,14 @@ def run_stream(
     executor: Executor,
     tracker: Any = None,
     benchmark_name: Optional[str] = None,
+    on_task: Optional[Callable[[int, dict[str, Any]], None]] = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the whole stream; returns the summary (DESIGN §8)."""
+    """Run (or resume) the whole stream; returns the summary (DESIGN §8).
+
+    ``on_task(t, progress)`` is called after task ``t``'s evaluation, also for tasks a resumed
+    run verified rather than ran, with the running MFT/MFN/MAA/BWT, ``params_added_total`` so far,
+    the routing accuracy and ``tasks_done`` (a Tune trial reports these).
+    """
     t_start = time.time()
     tasks = prepare_data(cfg, run_id)
     ctx = StageContext(cfg, run_id, tasks)
@@ -146,10 +152,21 @@ def run_stream(
         if tracker is not None and redo:
             matrix = [results[(i, "evaluate")].metrics["row"] for i in range(t + 1)]
             tracker.task_done(t, tasks, {s: results[(t, s)] for s in STAGES}, matrix)
+        if on_task is not None:
+            on_task(t, task_progress(t, tasks, results))
     summary = build_summary(cfg, tasks, results, time.time() - t_start, benchmark_name)
     summary["resumed_stages_skipped"] = len(tasks) * len(STAGES) - len(ran)
     summary["stages_run"] = [f"task_{t}/{s}" for t, s in ran]
     return summary
+
+
+def task_progress(t: int, tasks: list[TaskMeta], results: dict[tuple[int, str], StageResult]) -> dict[str, Any]:
+    """The stream's running numbers after task ``t``."""
+    matrix = [results[(i, "evaluate")].metrics["row"] for i in range(t + 1)]
+    params = sum(int(results[(i, "aggregate")].metrics.get("params_added", 0)) for i in range(t + 1))
+    routing = results[(t, "evaluate")].metrics.get("routing_accuracy")
+    return {**summarize(matrix), "params_added_total": params, "tasks_done": t + 1, "task": tasks[t].name,
+            "routing_accuracy": routing}
 
 
 def build_summary(cfg: StreamConfig, tasks: list[TaskMeta], results: dict[tuple[int, str], StageResult],

@@ -70,6 +70,13 @@ def _stage_task(ctx_json: dict[str, Any], task: int, stage: str, on_ray_data: bo
     return execute_stage(ctx, task, stage).to_json()
 
 
+def _fused_task(ctx_json: dict[str, Any], task: int, stages: list[str], source: str) -> dict[str, Any]:
+    """A task's fused Train run, launched from a plain task (see RayExecutor._train_run)."""
+    from cram_ray.train.trainer import run_fused
+
+    return run_fused(StageContext.from_json(ctx_json), task, stages, source)
+
+
 def _processor_source(ctx_json: dict[str, Any]) -> str:
     """What Ray Data tasks need to tokenise: the compact processor's JSON, or the context to load a
     checkpoint's processor. Building the runtime here also trains/caches the tiny base once."""
@@ -104,7 +111,10 @@ class RayExecutor:
 
     def _remote(self, fn: Callable, *, num_cpus: float):
         retries = self.cfg.train.stage_retries
-        return ray.remote(num_cpus=num_cpus, max_retries=retries, retry_exceptions=True)(fn)
+        # "DEFAULT" schedules on the cluster, never inside a caller's placement group: a stream run as a
+        # Tune trial would otherwise have to reserve every stage task's CPU in the trial's bundles
+        return ray.remote(num_cpus=num_cpus, max_retries=retries, retry_exceptions=True,
+                          scheduling_strategy="DEFAULT")(fn)
 
     def source(self, ctx: StageContext) -> str:
         if self._source is None:
@@ -134,7 +144,15 @@ class RayExecutor:
             ledger.invalidate(task, later)
         source = self.source(ctx)
         self.log(f"[ray] task {task}: Train run for {' -> '.join(stages)}")
-        timing = run_fused(ctx, task, stages, source)
+        if ray.util.get_current_placement_group() is None:
+            timing = run_fused(ctx, task, stages, source)
+        else:
+            # The driver runs inside a placement group that captures child tasks (a Tune trial): a
+            # TorchTrainer started here would inherit that capture down to its workers, whose Ray
+            # Data tasks would then be forced into a worker's own one-CPU bundle. Start it from a
+            # plain task scheduled on the cluster, as a standalone driver would.
+            remote = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy="DEFAULT")(_fused_task)
+            timing = ray.get(remote.remote(ctx.to_json(), task, stages, source))
         timing.update({"task": task, "stages": stages})
         self.timings.append(timing)
         self.log(f"[ray] task {task}: Train run finished in {timing['wall']:.1f}s")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from cram_ray.config import StreamConfig
 from cram_ray.pipeline.driver import LocalExecutor, default_run_id, format_matrix, run_stream
@@ -40,8 +40,14 @@ def previous_mlflow_run(out: Path, run_id: str) -> Optional[str]:
     return None
 
 
-def run_and_report(cfg: StreamConfig, *, out: Path, run_id: Optional[str] = None) -> dict[str, Any]:
-    """Run or resume the stream, then write ``out/summary.json`` + plots and log them to MLflow."""
+def run_and_report(cfg: StreamConfig, *, out: Path, run_id: Optional[str] = None,
+                   on_task: Optional[Callable[[int, dict[str, Any]], None]] = None,
+                   mlflow_tags: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Run or resume the stream, then write ``out/summary.json`` + plots and log them to MLflow.
+
+    ``on_task`` is passed to :func:`run_stream`; ``mlflow_tags`` are set on the stream's run (e.g.
+    ``mlflow.parentRunId`` to nest it under a study or comparison).
+    """
     from cram_ray.pipeline.track import StreamReporter
 
     out = out.resolve()
@@ -49,10 +55,12 @@ def run_and_report(cfg: StreamConfig, *, out: Path, run_id: Optional[str] = None
     run_id = run_id or default_run_id(cfg)
     executor = make_executor(cfg)
     reporter = StreamReporter(cfg, out, run_id, previous_mlflow_run(out, run_id))
+    if mlflow_tags:
+        reporter.tracker.set_tags(mlflow_tags)
     print(f"[stream] run {run_id}: method {cfg.method.name}, executor {cfg.train.executor}, "
           f"storage {cfg.storage}" + (f", mlflow run {reporter.run_id}" if reporter.run_id else ""), flush=True)
     try:
-        summary = run_stream(cfg, run_id=run_id, executor=executor, tracker=reporter)
+        summary = run_stream(cfg, run_id=run_id, executor=executor, tracker=reporter, on_task=on_task)
     except BaseException:
         reporter.fail()
         raise

@@ -21,6 +21,7 @@ from cram_ray.methods import make_method
 from cram_ray.methods.base import Batch, ContinualMethod
 from cram_ray.pipeline.context import StageContext, Runtime, runtime, seed_everything, task_records
 from cram_ray.pipeline.ledger import STAGES, StageResult
+from cram_ray.train.ingest import epoch_order
 from cram_ray.train.loop import cycle, fit_steps
 
 STATE_TENSORS = "state.safetensors"
@@ -79,9 +80,7 @@ def train_stream(ctx: StageContext, task: int, rt: Runtime, method: ContinualMet
     bs = min(ctx.cfg.train.batch_size, len(records))
 
     def epoch(e: int):
-        rng = np.random.default_rng([ctx.cfg.train.seed, task, e, len(salt)])
-        order = rng.permutation(len(records))
-        order = order[: len(order) - len(order) % bs]  # full batches only
+        order = epoch_order(ctx.cfg.train.seed, task, e, len(records), bs, salt)  # the Ray executor's order too
         for recs in batches_of(records, bs, order):
             yield with_features(rt.vlm.processor.train_batch(recs, [task] * len(recs)), method, rt)
 

@@ -201,8 +201,9 @@ class StreamTracker:
     """
 
     def __init__(self, cfg: TrackingConfig, storage_dir: PathLike, run_name: str,
-                 resume_run_id: Optional[str] = None) -> None:
+                 resume_run_id: Optional[str] = None, kind: str = "stream") -> None:
         self.cfg = cfg
+        self.kind = kind
         self.enabled = bool(cfg.enabled)
         self.storage_dir = Path(storage_dir).expanduser().resolve()
         self.run_name = run_name
@@ -279,7 +280,7 @@ class StreamTracker:
             self._root.set_tags({TAG_RESUMES: resumes})
         else:
             run = client.create_run(self.experiment_id, run_name=self.run_name,
-                                    tags={TAG_KIND: "stream", "cram_ray.run_name": self.run_name})
+                                    tags={TAG_KIND: self.kind, "cram_ray.run_name": self.run_name})
             self._root = RunLogger(client, run.info.run_id)
         self._root.log_params(params)
         self._root.log_dict(params, "params.json")
@@ -293,7 +294,7 @@ class StreamTracker:
         client = self._connect()
         name = (run_name or self.run_name).replace("'", "\\'")
         runs = client.search_runs([self.experiment_id],
-                                  filter_string=f"tags.`cram_ray.run_name` = '{name}' and tags.`{TAG_KIND}` = 'stream'",
+                                  filter_string=f"tags.`cram_ray.run_name` = '{name}' and tags.`{TAG_KIND}` = '{self.kind}'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0].info.run_id if runs else None
 
@@ -366,3 +367,29 @@ class StreamTracker:
             self._client.set_terminated(run_id, status="FAILED")
             raise
         self._client.set_terminated(run_id, status="FINISHED")
+
+
+class ParentRun:
+    """The MLflow run that groups several streams (a comparison, a Tune study); reopened by name
+    on resume. The streams' runs show under it once :meth:`adopt` tags them (or they are created
+    with ``mlflow.parentRunId`` set). A no-op with tracking disabled."""
+
+    def __init__(self, cfg: Any, storage_dir: PathLike, name: str, params: Mapping[str, Any], *, kind: str) -> None:
+        self.tracker = StreamTracker(cfg.tracking, storage_dir, name, kind=kind)
+        if self.tracker.enabled:
+            self.tracker.resume_run_id = self.tracker.find_run(name)
+        self.run_id = self.tracker.start(params)
+
+    def adopt(self, child_run_id: Optional[str]) -> None:
+        """Show a stream's run under this one in the MLflow UI."""
+        if self.run_id and child_run_id:
+            self.tracker._connect().set_tag(child_run_id, TAG_PARENT, self.run_id)
+
+    def finish(self, metrics: Mapping[str, Any], files: list[Path]) -> None:
+        self.tracker.log_metrics(metrics)
+        for f in files:
+            self.tracker.log_artifact(f)
+        self.tracker.finish("FINISHED")
+
+    def fail(self) -> None:
+        self.tracker.finish("FAILED")

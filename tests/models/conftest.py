@@ -37,6 +37,7 @@ def tiny_cfg(tmp_path_factory) -> StreamConfig:
         "model.base.steps": 5,
         "model.base.batch_size": 8,
         "model.base.samples": 32,
+        "model.base.vision_steps": 5,
     })
 
 

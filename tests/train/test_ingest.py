@@ -49,16 +49,27 @@ def _processor():
 
 
 def _local_order(plan, phase):
-    """What stages.train_stream yields: per epoch a seeded permutation, full batches only."""
+    """What stages.train_stream yields: epoch after epoch of epoch_order (the function both
+    executors draw from), cut to the phase's steps."""
+    from cram_ray.train.ingest import epoch_order
+
     bs = plan.batch_size
     out = []
     epoch = 0
     while len(out) < phase.steps * bs:
-        rng = np.random.default_rng([plan.seed, plan.task, epoch, len(phase.salt)])
-        order = rng.permutation(plan.n)
-        out.extend(order[: len(order) - len(order) % bs].tolist())
+        order = epoch_order(plan.seed, plan.task, epoch, plan.n, bs, phase.salt)
+        assert len(order) % bs == 0 and len(set(order.tolist())) == len(order)  # full batches, no repeats
+        out.extend(order.tolist())
         epoch += 1
     return out[: phase.steps * bs]
+
+
+def test_probe_and_train_draw_different_orders():
+    from cram_ray.train.ingest import epoch_order
+
+    probe, train = epoch_order(0, 1, 0, 50, 5, "probe"), epoch_order(0, 1, 0, 50, 5, "train")
+    assert sorted(probe.tolist()) == sorted(train.tolist()) and probe.tolist() != train.tolist()
+    assert epoch_order(0, 1, 0, 50, 5, "probe").tolist() == probe.tolist()  # seeded: same inputs, same order
 
 
 def test_plan_reproduces_the_local_stream_for_each_phase():

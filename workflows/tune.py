@@ -1,0 +1,59 @@
+"""Run (or resume) a Ray Tune study of stream hyperparameters; each trial is a whole stream.
+
+    python workflows/tune.py [--config YAML] [--benchmark MANIFEST] [--num-samples N] [--out DIR]
+                             [--executor local|ray] [--set key=value ...]
+
+Writes ``DIR/results.csv``, ``DIR/results.md``, ``DIR/pareto.png`` (objective vs parameters added,
+Pareto front marked) and ``DIR/best.yaml`` (a preset ``workflows/stream.py --config`` accepts as
+is). The search space, searcher, scheduler, objective and per-trial resources come from the
+config's ``tune`` section (``--set tune.num_samples=8`` etc.). Rerunning with the same ``--out``
+resumes the study: finished trials are kept, unfinished ones restart at their first unfinished
+stage.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cram_ray.cli import fail_cleanly, resolve_config  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML preset (default: built-in defaults)")
+    parser.add_argument("--benchmark", help="benchmark manifest YAML (default: the built-in benchmark)")
+    parser.add_argument("--num-samples", type=int, help="trials to run (overrides tune.num_samples)")
+    parser.add_argument("--out", default="runs/tune", help="study directory (results, trials, Tune state)")
+    parser.add_argument("--executor", choices=["local", "ray"],
+                        help="how each trial trains (overrides train.executor; ray = TorchTrainer runs per task)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted config override, e.g. --set tune.searcher=random (repeatable)")
+    return parser
+
+
+@fail_cleanly
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.num_samples is not None:
+        args.overrides = [*args.overrides, f"tune.num_samples={args.num_samples}"]
+    out = Path(args.out).resolve()
+    # the study owns --out; each trial's stream gets its own storage under it
+    cfg = resolve_config(argparse.Namespace(**{**vars(args), "out": None}))
+    from cram_ray.tune.study import Study
+
+    command = "python workflows/tune.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    study = Study(cfg, out, command=command)
+    rows = study.run()
+    print((out / "results.md").read_text(), flush=True)
+    complete = [r for r in rows if r["status"] == "complete"]
+    print(f"[tune] {len(rows)} trials, {len(complete)} complete; best preset: "
+          + (str(out / "best.yaml") if complete else "none (no trial completed)"), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
