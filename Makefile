@@ -27,7 +27,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not ray and not slow" tests
 
 demo: $(STAMP)
-	$(BIN)/python workflows/stream.py --config workflows/configs/tiny-cpu.yaml --out runs/demo
+	$(BIN)/python workflows/stream.py --config workflows/configs/tiny-cpu.yaml --executor ray --out runs/demo
 
 bench: $(STAMP)
 	$(BIN)/python workflows/bench.py rank

@@ -70,7 +70,7 @@ def test_compare_writes_json_table_and_plots_equal_to_the_summaries(streams, cac
     md = (streams / "compare.md").read_text()
     for s in summaries:
         assert s == json.loads((streams / s["method"] / "seed_0" / "summary.json").read_text()) | {
-            "run_dir": s["run_dir"]}
+            "run_dir": s["run_dir"], "label": s["method"]}
         cells = _cells(md, s["method"])
         for col, key in (("MFT", "mft"), ("MFN", "mfn"), ("MAA", "maa"), ("BWT", "bwt")):
             assert cells[col] == f"{s[key]:.1f}"

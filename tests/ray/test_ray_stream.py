@@ -1,4 +1,11 @@
-"""The Ray stream reproduces the in-process stream exactly (one worker, same seed), and resumes."""
+"""The Ray stream reproduces the in-process stream (one worker, same seed), and resumes.
+
+Every discrete output is equal: groups, ranks, routing decisions, predictions, the accuracy
+matrix. Float tensors agree to float32 rounding (max difference within 1e-4 of the tensor's largest value), not bit for bit: the tiny model's
+convolutional stem runs oneDNN kernels whose summation order depends on the batch shape, and a
+Ray Train worker feeds the vision tower differently sized batches than the in-process loop does
+(measured: largest difference 5e-6 on values of order 1).
+"""
 import json
 import sys
 from pathlib import Path
@@ -25,6 +32,37 @@ def _run(out, cache_dir, executor):
     return json.loads((out / "summary.json").read_text())
 
 
+def _close(a, b) -> bool:
+    """Equal trees, floats within float32 rounding."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    return a == b
+
+
+def _assert_same_output(a: Path, b: Path) -> None:
+    if a.suffix == ".safetensors":
+        import torch
+        from safetensors.torch import load_file
+
+        ta, tb = load_file(str(a)), load_file(str(b))
+        assert ta.keys() == tb.keys(), a
+        for k in ta:
+            assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, (a, k)
+            if ta[k].is_floating_point():
+                # relative to the tensor's scale: sums of features cancel to near zero in places
+                assert (ta[k] - tb[k]).abs().max() <= 1e-4 * tb[k].abs().max() + 1e-6, (a, k)
+            else:
+                assert torch.equal(ta[k], tb[k]), (a, k)
+    elif a.suffix == ".json":
+        assert _close(json.loads(a.read_text()), json.loads(b.read_text())), a
+    else:  # predictions: the decoded answers and routing decisions, exactly
+        assert a.read_bytes() == b.read_bytes(), a
+
+
 def test_ray_stream_equals_the_in_process_stream_and_resumes(ray_cluster, tmp_path, cache_dir):
     local = _run(tmp_path / "local", cache_dir, "local")
     on_ray = _run(tmp_path / "ray", cache_dir, "ray")
@@ -38,11 +76,11 @@ def test_ray_stream_equals_the_in_process_stream_and_resumes(ray_cluster, tmp_pa
                 a, b = tmp_path / f"local/p/task_{t}/{stage}/{name}", tmp_path / f"ray/p/task_{t}/{stage}/{name}"
                 assert a.is_file() == b.is_file(), (t, stage, name)
                 if a.is_file():
-                    assert a.read_bytes() == b.read_bytes(), (t, stage, name)
+                    _assert_same_output(a, b)
                     compared += 1
             ma = json.loads((tmp_path / f"local/p/task_{t}/{stage}/_DONE.json").read_text())["result"]["metrics"]
             mb = json.loads((tmp_path / f"ray/p/task_{t}/{stage}/_DONE.json").read_text())["result"]["metrics"]
-            assert ma == mb, (t, stage)
+            assert _close(ma, mb), (t, stage, ma, mb)
     assert compared == 2 * 4 * 2 + 2  # state files of 4 stages, predictions of evaluate, per task
     # rerun: every marker verifies, nothing is launched (no Train run, no Ray Data pass)
     again = _run(tmp_path / "ray", cache_dir, "ray")
