@@ -1,0 +1,43 @@
+"""SIGKILL of a Ray stream's driver mid-stream, then the same command: it resumes, no finished stage redone."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.ray
+
+
+def test_killed_driver_resumes_without_redoing_finished_stages(tmp_path, cache_dir):
+    out = tmp_path / "stream"
+    argv = [sys.executable, str(ROOT / "workflows/stream.py"), "--config", str(ROOT / "workflows/configs/smoke.yaml"),
+            "--executor", "ray", "--out", str(out), "--run-id", "k", "--set", f"data.cache_dir={cache_dir}",
+            "--set", "tracking.enabled=false", "--set", "data.builtin.tasks=[count,compose]"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
+    first_done = out / "k/task_0/evaluate/_DONE.json"
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 900
+        while not first_done.exists():
+            assert proc.poll() is None, "the stream ended before it could be killed"
+            assert time.time() < deadline, "task 0 did not finish in time"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started, no clean shutdown
+        proc.wait()
+    assert not (out / "summary.json").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "k/task_0").glob("*/_DONE.json")}
+    assert len(stamps) == 5
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert not any(s.startswith("task_0/") for s in summary["stages_run"])
+    assert any(s.startswith("task_1/") for s in summary["stages_run"])
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert len(summary["accuracy_matrix"]) == 2
