@@ -45,6 +45,18 @@ def bench_rank(args: argparse.Namespace) -> None:
     print(f"ranks: min {min(ranks)}, max {max(ranks)}, sum {sum(ranks)}")
 
 
+def tiny_base(args: argparse.Namespace, command: str):
+    """(config, the cached tiny base of ``args.config`` as its streams on the built-in benchmark use it)."""
+    from cram_ray.config import load_config
+    from cram_ray.data.builtin import vocabulary_texts
+    from cram_ray.models.base import get_base_vlm
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.kind != "tiny" or cfg.data.benchmark:
+        raise SystemExit(f"error: bench.py {command}: expected the tiny model on the built-in benchmark")
+    return cfg, get_base_vlm(cfg, sorted(set(vocabulary_texts())))  # the corpus prepare_data writes
+
+
 def bench_base(args: argparse.Namespace) -> None:
     """Greedy exact match of the cached (or newly trained) tiny base on held-out mix records, per
     question, with the true images and with the images shuffled between records."""
@@ -53,29 +65,17 @@ def bench_base(args: argparse.Namespace) -> None:
 
     import numpy as np
 
-    from cram_ray.config import load_config
-    from cram_ray.data.builtin import vocabulary_texts
     from cram_ray.data.pretrain_mix import pretrain_records
-    from cram_ray.models.base import HELDOUT_SEED_OFFSET, get_base_vlm
+    from cram_ray.models.base import HELDOUT_SEED_OFFSET, greedy_answers
 
-    cfg = load_config(args.config, args.overrides)
-    if cfg.model.kind != "tiny" or cfg.data.benchmark:
-        raise SystemExit("error: bench.py base: expected the tiny model on the built-in benchmark")
     torch.manual_seed(0)
-    vlm = get_base_vlm(cfg, sorted(set(vocabulary_texts())))
+    cfg, vlm = tiny_base(args, "base")
     records = pretrain_records(args.records, cfg.model.image_size, cfg.model.base.seed + HELDOUT_SEED_OFFSET)
     perm = np.random.default_rng(0).permutation(len(records))
     shuffled = [dataclasses.replace(r, image=records[j].image) for r, j in zip(records, perm)]
 
-    def answers(recs):
-        out = []
-        for i in range(0, len(recs), 64):
-            chunk = recs[i:i + 64]
-            with torch.no_grad():
-                out += vlm.generate(vlm.processor.prompt_batch(chunk, [0] * len(chunk)), cfg.data.max_answer_len)
-        return out
-
-    real, fake = answers(records), answers(shuffled)
+    real = greedy_answers(vlm, records, cfg.data.max_answer_len)
+    fake = greedy_answers(vlm, shuffled, cfg.data.max_answer_len)
     table: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
     for r, a, b in zip(records, real, fake):
         row = table[r.instruction]
@@ -98,16 +98,11 @@ def bench_probe(args: argparse.Namespace) -> None:
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
-    from cram_ray.config import load_config
-    from cram_ray.data.builtin import generate_builtin, vocabulary_texts
+    from cram_ray.data.builtin import generate_builtin
     from cram_ray.data.manifest import load_benchmark
-    from cram_ray.models.base import get_base_vlm
     from cram_ray.models.vision_warmup import patch_tokens
 
-    cfg = load_config(args.config, args.overrides)
-    if cfg.model.kind != "tiny" or cfg.data.benchmark:
-        raise SystemExit("error: bench.py probe: expected the tiny model on the built-in benchmark")
-    vlm = get_base_vlm(cfg, sorted(set(vocabulary_texts())))
+    cfg, vlm = tiny_base(args, "probe")
     bench = load_benchmark(generate_builtin(cfg.data.builtin, Path(cfg.data.cache_dir).expanduser() / "builtin"))
     drop_cls = getattr(vlm.model.config, "vision_feature_select_strategy", "default") == "default"
     wanted = [t for t in args.tasks.split(",") if t] or [t.name for t in bench.tasks]

@@ -166,16 +166,22 @@ def pretrain(vlm: VLM, records: Sequence[Record], base: BaseTrainConfig, log: Lo
     return losses
 
 
+def greedy_answers(vlm: VLM, records: Sequence[Record], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """``vlm``'s greedy answer to every record, in order."""
+    answers: list[str] = []
+    for start in range(0, len(records), batch_size):
+        recs = list(records[start:start + batch_size])
+        with torch.no_grad():
+            answers += vlm.generate(vlm.processor.prompt_batch(recs, [0] * len(recs)), max_new_tokens)
+    return answers
+
+
 def exact_match(vlm: VLM, records: Sequence[Record], max_new_tokens: int, batch_size: int = 64) -> float:
     """Share of ``records`` whose greedy answer equals the reference exactly (after strip)."""
     if not records:
         return 0.0
-    hits = 0
-    for start in range(0, len(records), batch_size):
-        recs = list(records[start:start + batch_size])
-        preds = vlm.generate(vlm.processor.prompt_batch(recs, [0] * len(recs)), max_new_tokens)
-        hits += sum(p == r.answer.strip() for p, r in zip(preds, recs))
-    return hits / len(records)
+    preds = greedy_answers(vlm, records, max_new_tokens, batch_size)
+    return sum(p == r.answer.strip() for p, r in zip(preds, records)) / len(records)
 
 
 # -- the cache ---------------------------------------------------------------------------------
@@ -256,7 +262,7 @@ def _train_and_publish(cfg: StreamConfig, tok: CompactTokenizer, mix: MixFn, fin
         "parameters": n_params,
         "steps": base.steps,
         "final_loss": float(np.mean(losses[-LOG_EVERY:])) if losses else None,
-        **(warm if base.steps > 0 else {}),
+        **warm,
         "heldout_exact": None if math.isnan(heldout) else heldout,
         "mix_seconds": round(gen_seconds, 2),
         "train_seconds": round(train_seconds, 2),

@@ -65,6 +65,8 @@ def warm_up_vision(vlm, records: Sequence[Record], steps: int, batch_size: int, 
     Returns the classifier's accuracy on the last 10% of steps' batches (training data) and the
     number of classes, for the base's metadata.
     """
+    from cram_ray.models.base import GRAD_CLIP, WEIGHT_DECAY, warmup_cosine  # base imports this module
+
     kept, questions, answers = short_qa(records)
     if steps <= 0 or not kept:
         return {}
@@ -72,17 +74,12 @@ def warm_up_vision(vlm, records: Sequence[Record], steps: int, batch_size: int, 
     tower = model.model.vision_tower
     drop_cls = getattr(model.config, "vision_feature_select_strategy", "default") == "default"
     width = model.config.vision_config.hidden_size
-    head = QuestionHead(width, len(questions), len(answers))
-    with torch.no_grad():
-        probe = patch_tokens(model, vlm.processor.pixel_values([kept[0].image]), drop_cls)
-    head.to(probe.dtype)
+    head = QuestionHead(width, len(questions), len(answers)).to(next(tower.parameters()).dtype)
     params = list(tower.parameters()) + list(head.parameters())
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warm = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps))
     rng = np.random.default_rng([seed, 0xA11])
     bs = min(batch_size, len(kept))
     tower.train()
@@ -102,7 +99,7 @@ def warm_up_vision(vlm, records: Sequence[Record], steps: int, batch_size: int, 
         loss = torch.nn.functional.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         optimizer.step()
         schedule.step()
         if step >= steps - max(1, steps // 10):

@@ -65,7 +65,7 @@ def stream_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, trac
     pending: dict[str, Any] = {}
 
     def progress(t: int, numbers: dict[str, Any]) -> None:
-        metrics = {k: v for k, v in numbers.items() if isinstance(v, (int, float)) and v is not None}
+        metrics = {k: v for k, v in numbers.items() if isinstance(v, (int, float))}  # drops None and the task name
         metrics[OBJECTIVE] = objective(metrics, cfg.tune)
         metrics["trial_dir"] = str(where)
         if t < n_tasks - 1:
@@ -201,8 +201,8 @@ class Study:
                 status = STATUS_COMPLETE
             else:
                 status = STATUS_STOPPED
-            trial_id = metrics.get("trial_id") or Path(str(result.path)).name
-            row: dict[str, Any] = {"trial": metrics.get("trial_id", trial_id), "status": status, "tasks_done": done}
+            row: dict[str, Any] = {"trial": metrics.get("trial_id") or Path(str(result.path)).name, "status": status,
+                                   "tasks_done": done}
             for key, column in column_names([d.key for d in self.dims]).items():
                 row[column] = effective[key]
             for k in ("maa", "mfn", "bwt", "params_added_total", OBJECTIVE):
