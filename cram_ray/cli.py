@@ -11,6 +11,19 @@ from cram_ray.config import ConfigError, StreamConfig, load_config
 from cram_ray.data.records import DataError
 
 
+def add_config_flags(parser: argparse.ArgumentParser, *, out: str, out_help: str,
+                     executor_help: str = "overrides train.executor") -> argparse.ArgumentParser:
+    """The flags :func:`resolve_config` reads, as every workflow script spells them: --config,
+    --benchmark, --out, --executor and the repeatable --set."""
+    parser.add_argument("--config", help="YAML preset (default: built-in defaults)")
+    parser.add_argument("--benchmark", help="benchmark manifest YAML (default: the built-in benchmark)")
+    parser.add_argument("--out", default=out, help=out_help)
+    parser.add_argument("--executor", choices=["local", "ray"], help=executor_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted config override, e.g. --set train.lr=1e-4 (repeatable)")
+    return parser
+
+
 def resolve_config(args: argparse.Namespace) -> StreamConfig:
     """--config + --set, then the shorthand flags (--benchmark, --method, --executor), then storage."""
     overrides = list(getattr(args, "overrides", []) or [])

@@ -104,7 +104,6 @@ def bench_probe(args: argparse.Namespace) -> None:
 
     cfg, vlm = tiny_base(args, "probe")
     bench = load_benchmark(generate_builtin(cfg.data.builtin, Path(cfg.data.cache_dir).expanduser() / "builtin"))
-    drop_cls = getattr(vlm.model.config, "vision_feature_select_strategy", "default") == "default"
     wanted = [t for t in args.tasks.split(",") if t] or [t.name for t in bench.tasks]
 
     def features(records):
@@ -112,7 +111,7 @@ def bench_probe(args: argparse.Namespace) -> None:
         for i in range(0, len(records), 100):
             pixels = vlm.processor.pixel_values([r.image for r in records[i:i + 100]])
             with torch.no_grad():
-                parts.append(vlm.model.model.multi_modal_projector(patch_tokens(vlm.model, pixels, drop_cls)).flatten(1))
+                parts.append(vlm.model.model.multi_modal_projector(patch_tokens(vlm.model, pixels)).flatten(1))
         return torch.cat(parts).float().numpy()
 
     print(f"{'task':14s} {'classes':>7s} {'train':>6s} {'test':>5s} {'probe acc %':>11s} {'majority %':>10s}")

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cram_ray.cli import fail_cleanly, resolve_config  # noqa: E402
+from cram_ray.cli import add_config_flags, fail_cleanly, resolve_config  # noqa: E402
 from cram_ray.config import ConfigError, StreamConfig, config_hash  # noqa: E402
 
 DEFAULT_METHODS = "cram,same,olora,moelora,hide,lora_ft,oracle"
@@ -49,13 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated methods (default: {DEFAULT_METHODS})")
     parser.add_argument("--seeds", default="0", help="comma-separated integer seeds (default: 0)")
-    parser.add_argument("--config", help="YAML preset (default: built-in defaults)")
-    parser.add_argument("--benchmark", help="benchmark manifest YAML (default: the built-in benchmark)")
-    parser.add_argument("--out", default="runs/compare", help="output directory")
-    parser.add_argument("--executor", choices=["local", "ray"], help="overrides train.executor")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted config override applied to every run (repeatable)")
-    return parser
+    return add_config_flags(parser, out="runs/compare", out_help="output directory (one stream per method and seed)")
 
 
 def parse_methods(text: str) -> list[str]:

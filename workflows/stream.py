@@ -16,19 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cram_ray.cli import fail_cleanly, resolve_config  # noqa: E402
+from cram_ray.cli import add_config_flags, fail_cleanly, resolve_config  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML preset (default: built-in defaults)")
-    parser.add_argument("--benchmark", help="benchmark manifest YAML (default: the built-in benchmark)")
+    add_config_flags(parser, out="runs/stream", out_help="output directory (summary.json, storage)")
     parser.add_argument("--method", help="continual-learning method (overrides method.name)")
-    parser.add_argument("--out", default="runs/stream", help="output directory (summary.json, storage)")
     parser.add_argument("--run-id", help="run id; the same id and --out resume (default: from the config hash)")
-    parser.add_argument("--executor", choices=["local", "ray"], help="overrides train.executor")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted config override, e.g. --set train.lr=1e-4 (repeatable)")
     return parser
 
 

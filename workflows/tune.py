@@ -19,19 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cram_ray.cli import fail_cleanly, resolve_config  # noqa: E402
+from cram_ray.cli import add_config_flags, fail_cleanly, resolve_config  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML preset (default: built-in defaults)")
-    parser.add_argument("--benchmark", help="benchmark manifest YAML (default: the built-in benchmark)")
+    add_config_flags(parser, out="runs/tune", out_help="study directory (results, trials, Tune state)",
+                     executor_help="how each trial trains (overrides train.executor; ray = TorchTrainer runs per task)")
     parser.add_argument("--num-samples", type=int, help="trials to run (overrides tune.num_samples)")
-    parser.add_argument("--out", default="runs/tune", help="study directory (results, trials, Tune state)")
-    parser.add_argument("--executor", choices=["local", "ray"],
-                        help="how each trial trains (overrides train.executor; ray = TorchTrainer runs per task)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted config override, e.g. --set tune.searcher=random (repeatable)")
     return parser
 
 
@@ -43,13 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     # the study owns --out; each trial's stream gets its own storage under it
     cfg = resolve_config(argparse.Namespace(**{**vars(args), "out": None}))
-    from cram_ray.tune.study import Study
+    from cram_ray.tune.study import STATUS_COMPLETE, Study
 
     command = "python workflows/tune.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     study = Study(cfg, out, command=command)
     rows = study.run()
     print((out / "results.md").read_text(), flush=True)
-    complete = [r for r in rows if r["status"] == "complete"]
+    complete = [r for r in rows if r["status"] == STATUS_COMPLETE]
     print(f"[tune] {len(rows)} trials, {len(complete)} complete; best preset: "
           + (str(out / "best.yaml") if complete else "none (no trial completed)"), flush=True)
     return 0

@@ -51,11 +51,12 @@ def short_qa(records: Sequence[Record]) -> tuple[list[Record], dict[str, int], d
     return kept, questions, answers
 
 
-def patch_tokens(model: torch.nn.Module, pixel_values: torch.Tensor, drop_cls: bool) -> torch.Tensor:
-    """The vision tower's last-layer patch tokens, as Llava's projector reads them."""
-    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
-    hidden = out.hidden_states[-1]
-    return hidden[:, 1:] if drop_cls else hidden
+def patch_tokens(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The vision tower's tokens as Llava's projector reads them: the configured feature layer,
+    without CLIP's CLS token under the "default" selection strategy."""
+    config = model.config
+    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[config.vision_feature_layer]
+    return hidden[:, 1:] if config.vision_feature_select_strategy == "default" else hidden
 
 
 def warm_up_vision(vlm, records: Sequence[Record], steps: int, batch_size: int, lr: float, seed: int,
@@ -72,7 +73,6 @@ def warm_up_vision(vlm, records: Sequence[Record], steps: int, batch_size: int, 
         return {}
     model = vlm.model
     tower = model.model.vision_tower
-    drop_cls = getattr(model.config, "vision_feature_select_strategy", "default") == "default"
     width = model.config.vision_config.hidden_size
     head = QuestionHead(width, len(questions), len(answers)).to(next(tower.parameters()).dtype)
     params = list(tower.parameters()) + list(head.parameters())
@@ -95,7 +95,7 @@ def warm_up_vision(vlm, records: Sequence[Record], steps: int, batch_size: int, 
         pixels = vlm.processor.pixel_values([r.image for r in recs])
         q = torch.tensor([questions[r.instruction] for r in recs])
         y = torch.tensor([answers[r.answer.strip()] for r in recs])
-        logits = head(patch_tokens(model, pixels, drop_cls), q)
+        logits = head(patch_tokens(model, pixels), q)
         loss = torch.nn.functional.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from cram_ray.eval.metrics import lower_triangle
 
@@ -30,15 +30,17 @@ def format_cell(value: Any, floatfmt: str = ".1f") -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], floatfmt: str = ".1f") -> str:
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], floatfmt: str = ".1f",
+                   headers: Optional[Mapping[str, str]] = None) -> str:
     """A GitHub-flavoured markdown table of ``rows`` restricted to ``columns``, in that order.
 
     Missing keys show as "-". Columns whose present values are all numbers are right-aligned.
+    ``headers`` renames columns in the header row (default: the column keys).
     """
     if not columns:
         raise ValueError("markdown_table: expected at least one column")
     cells = [[format_cell(r.get(c), floatfmt) for c in columns] for r in rows]
-    header = [format_cell(c) for c in columns]
+    header = [format_cell((headers or {}).get(c, c)) for c in columns]
 
     def numeric(c: str) -> bool:
         vals = [r[c] for r in rows if r.get(c) is not None]

@@ -1,4 +1,4 @@
-"""What a trial is scored by, and what a study's results say: objective, Pareto front, tables.
+"""What a trial is scored by: the objective, and the study's results as CSV.
 
 The objective is the configured stream metric (``tune.metric``, default MAA) reported after each
 task's evaluation. Parameters added are reported beside it as the second metric; with
@@ -36,12 +36,6 @@ def objective(metrics: Mapping[str, Any], tune: TuneConfig) -> float:
     return value
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
-    return "" if value is None else str(value)
-
-
 def results_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
@@ -50,12 +44,3 @@ def results_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> st
         writer.writerow({c: row.get(c) for c in columns})
     return buf.getvalue()
 
-
-def results_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
-                     headers: Mapping[str, str] | None = None) -> str:
-    headers = headers or {}
-    head = [headers.get(c, c) for c in columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
-    return "\n".join(lines)

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from cram_ray.config import StreamConfig, config_hash, dump_config, from_dict
-from cram_ray.tune.objective import OBJECTIVE, check_metric, objective, results_csv, results_markdown
+from cram_ray.report.tables import markdown_table
+from cram_ray.tune.objective import OBJECTIVE, check_metric, objective, results_csv
 from cram_ray.tune.space import Dimension, apply_params, describe, parse_space, tune_domains
 
 EXPERIMENT = "study"
@@ -253,7 +254,7 @@ class Study:
             + (f", parameter budget {self.cfg.tune.param_budget}" if self.cfg.tune.param_budget else "")
             + f", {seconds:.0f} s this session.", "",
             "Search space:", "", *[f"- `{line}`" for line in describe(self.dims).splitlines()], "",
-            results_markdown(rows, columns, {"params_added_total": "params added", "tasks_done": "tasks"}), "",
+            markdown_table(rows, columns, ".4g", {"params_added_total": "params added", "tasks_done": "tasks"}),
             "`pareto`: no other complete trial adds fewer-or-equal parameters with a better-or-equal objective.",
         ]
         if self.command:

@@ -1,8 +1,8 @@
 """The Ray stream reproduces the in-process stream (one worker, same seed), and resumes.
 
 Every discrete output is equal: groups, ranks, routing decisions, predictions, the accuracy
-matrix. Float tensors agree to float32 rounding (max difference within 1e-4 of the tensor's largest value), not bit for bit: the tiny model's
-convolutional stem runs oneDNN kernels whose summation order depends on the batch shape, and a
+matrix. Float tensors agree to float32 rounding (max difference within 1e-4 of the tensor's
+largest value), not bit for bit: the tiny model's convolutional stem runs oneDNN kernels whose summation order depends on the batch shape, and a
 Ray Train worker feeds the vision tower differently sized batches than the in-process loop does
 (measured: largest difference 5e-6 on values of order 1).
 """

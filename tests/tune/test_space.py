@@ -2,7 +2,8 @@
 import pytest
 
 from cram_ray.config import ConfigError, load_config
-from cram_ray.tune.objective import OBJECTIVE, check_metric, objective, results_csv, results_markdown
+from cram_ray.report.tables import markdown_table
+from cram_ray.tune.objective import OBJECTIVE, check_metric, objective, results_csv
 from cram_ray.tune.space import DEFAULT_SPACE, apply_params, parse_space, repair
 
 
@@ -101,6 +102,6 @@ def test_tables_hold_every_row_and_column():
     csv_lines = results_csv(rows, cols).strip().splitlines()
     assert csv_lines[0] == ",".join(cols) and len(csv_lines) == 3
     assert csv_lines[1].startswith("a,1200,51.25")
-    md = results_markdown(rows, cols, {"params_added_total": "params added"}).splitlines()
+    md = markdown_table(rows, cols, ".4g", {"params_added_total": "params added"}).splitlines()
     assert md[0] == "| trial | params added | objective |"
-    assert len(md) == 4 and "| b | 300 |  |" in md[3]
+    assert len(md) == 4 and md[2] == "| a | 1200 | 51.25 |" and md[3] == "| b | 300 | - |"
