@@ -28,6 +28,34 @@ def test_base_reports_every_question_with_true_and_shuffled_images(capsys, cache
     assert sum(int(r[-3]) for r in rows if r[0] != "all") == 40
     assert all(0.0 <= float(r[-2]) <= 100.0 and 0.0 <= float(r[-1]) <= 100.0 for r in rows)
     assert re.search(r"answers that change when the images are shuffled: \d+\.\d%", out)
+    zero_shot = out.split("asked the mix's own question:")[1].splitlines()[2:]
+    tasks = {line.split()[0]: (int(line.split()[-2]), float(line.split()[-1])) for line in zero_shot if line.strip()}
+    assert set(tasks) == {"choice", "ocr", "classify", "compose", "unanswerable", "count"}
+    assert tasks["unanswerable"][0] == 5 and all(n == 10 for t, (n, _) in tasks.items() if t != "unanswerable")
+    assert all(0.0 <= acc <= 100.0 for _, acc in tasks.values())
+
+
+def test_zero_shot_records_ask_mix_questions_the_base_can_answer():
+    from cram_ray.config import load_config
+    from cram_ray.data.builtin import UNANSWERABLE, make_example
+    from cram_ray.data.pretrain_mix import pretrain_vocabulary_texts
+
+    cfg = load_config(ROOT / "workflows/configs/smoke.yaml")
+    vocab = set(pretrain_vocabulary_texts())
+    pairs = bench.stream_canvas_records(cfg, 12)
+    for task, r in pairs:
+        assert r.instruction in vocab and r.answer in vocab  # mix questions, answers the mix emits
+    by_task = {}
+    for task, r in pairs:
+        by_task.setdefault(task, []).append(r)
+    # answers still mean the task's answer: the digit's numeral, the panel's position, no unanswerable
+    classify = by_task["classify"]
+    names = [make_example("classify", "test", i, cfg.data.builtin.image_size, False, cfg.data.builtin.seed)[2]
+             for i in range(len(classify))]
+    assert [r.answer for r in classify] == [str(["zero", "one", "two", "three", "four", "five", "six", "seven",
+                                                  "eight", "nine"].index(n)) for n in names]
+    assert {r.answer for r in by_task["choice"]} == {"top left", "top right", "bottom left", "bottom right"}
+    assert len(by_task["unanswerable"]) == 6 and UNANSWERABLE not in {r.answer for r in by_task["unanswerable"]}
 
 
 def test_probe_reports_an_accuracy_per_requested_task(capsys, cache_dir):

@@ -91,6 +91,51 @@ def bench_base(args: argparse.Namespace) -> None:
     print(f"{'all':44s} {n:4d} {100 * sum(v[1] for v in table.values()) / n:8.1f} "
           f"{100 * sum(v[2] for v in table.values()) / n:10.1f}")
     print(f"answers that change when the images are shuffled: {100 * sum(a != b for a, b in zip(real, fake)) / n:.1f}%")
+    transfer = stream_canvas_records(cfg, args.records // 4)
+    answers = greedy_answers(vlm, [r for _, r in transfer], cfg.data.max_answer_len)
+    hits: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for (task, r), a in zip(transfer, answers):
+        hits[task][0] += 1
+        hits[task][1] += a == r.answer
+    print("zero-shot on the stream's test images, asked the mix's own question:")
+    print(f"{'task':14s} {'question':38s} {'n':>4s} {'exact %':>8s}")
+    questions: dict[str, set[str]] = collections.defaultdict(set)
+    for task, r in transfer:
+        questions[task].add(r.instruction)
+    for task, asked in questions.items():
+        c, hit = hits[task]
+        label = next(iter(asked)) if len(asked) == 1 else f"one of {len(asked)} questions"
+        print(f"{task:14s} {label[:38]:38s} {c:4d} {100 * hit / c:8.1f}")
+
+
+def stream_canvas_records(cfg, n: int) -> list[tuple[str, "Record"]]:
+    """(task, record): the built-in tasks' test images with the mix question and answer that mean
+    the same thing -- does the base's reading carry over to the tasks' canvases before any tuning?"""
+    from cram_ray.data import builtin as B
+    from cram_ray.data import pretrain_mix as M
+    from cram_ray.data.draw import png_bytes
+    from cram_ray.data.records import Record
+
+    def compose(q: str, a: str) -> tuple[str, str]:
+        shape = q.removeprefix("What colour is the ").rstrip("?")
+        return M.Q_COLOUR_OF.format(shape=shape), a
+
+    as_mix = {
+        "choice": lambda q, a: (M.Q_WHERE, B.CHOICE_PANELS[B.CHOICE_LETTERS.index(a)]),
+        "ocr": lambda q, a: (M.Q_TEXT, a),
+        "classify": lambda q, a: (M.Q_DIGIT, str(B.NUMBER_WORDS.index(a))),
+        "compose": compose,
+        "unanswerable": lambda q, a: None if a == B.UNANSWERABLE else (M.Q_COLOUR, a),
+        "count": lambda q, a: (M.Q_COUNT, a),
+    }
+    out = []
+    for task, convert in as_mix.items():
+        for i in range(n):
+            img, question, answer = B.make_example(task, "test", i, cfg.data.builtin.image_size, False, cfg.data.builtin.seed)
+            pair = convert(question, answer)
+            if pair is not None:
+                out.append((task, Record(f"{task}-{i}", task, png_bytes(img), pair[0], pair[1], "exact")))
+    return out
 
 
 def bench_probe(args: argparse.Namespace) -> None:

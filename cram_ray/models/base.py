@@ -43,7 +43,7 @@ from cram_ray.models.vlm import (
     save_vlm,
 )
 
-BASE_VERSION = 3  # bump when the training recipe changes, so stale caches are not reused
+BASE_VERSION = 5  # bump when the training recipe changes, so stale caches are not reused
 WARMUP_RATIO = 0.05
 WEIGHT_DECAY = 0.01
 GRAD_CLIP = 1.0
@@ -52,6 +52,8 @@ VISION_PREFIXES = ("model.vision_tower.",)
 HELDOUT_RECORDS = 256
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out records come from a different seed than training ones
 LOG_EVERY = 100
+TEXT_PROMPT = "Repeat after me:"
+TEXT_TASK = "pretrain-text"
 
 MixFn = Callable[[int, int, int], list[Record]]  # (n, image_size, seed) -> records
 Log = Callable[[str], None]
@@ -61,6 +63,31 @@ def _default_mix() -> tuple[MixFn, list[str]]:
     from cram_ray.data.pretrain_mix import pretrain_records, pretrain_vocabulary_texts
 
     return pretrain_records, list(pretrain_vocabulary_texts())
+
+
+def text_records(tok: CompactTokenizer, n: int, seed: int) -> list[Record]:
+    """``n`` text-only records (no image): repeat 1-4 random vocabulary tokens.
+
+    A real MLLM's language model has written every token of its vocabulary before it sees a
+    stream; the tiny one only writes what its mix answers use, so a task answering in tokens the
+    mix never emits (brackets, bare digits, rare words) would start from untrained output rows that
+    no language-model adapter can reach. These records give every printable token its turn as a
+    target, and they say nothing about any image or task. Record ``i`` depends on ``(tok, seed, i)`` only.
+    """
+    def writable(i: int) -> bool:
+        piece = tok.decode([i])
+        return i not in tok.special_ids and bool(piece.strip()) and piece.isprintable() and "\ufffd" not in piece
+
+    ids = [i for i in range(len(tok)) if writable(i)]
+    records = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, 0x7E47, i])
+        first = ids[i % len(ids)]  # cycling through the vocabulary: every token leads some record
+        rest = [ids[int(k)] for k in rng.integers(len(ids), size=int(rng.integers(0, 4)))]
+        text = tok.decode([first, *rest]).strip()
+        records.append(Record(id=f"{TEXT_TASK}-{seed}-{i:06d}", task=TEXT_TASK, image=None,
+                              instruction=f"{TEXT_PROMPT} {text}", answer=text, metric="exact"))
+    return records
 
 
 def _print(msg: str) -> None:
@@ -214,7 +241,7 @@ def get_base_vlm(
     module = getattr(mix, "__module__", "?")
     mix_version = getattr(sys.modules.get(module), "MIX_VERSION", 0)
     mix_name = f"{module}.{getattr(mix, '__qualname__', repr(mix))}@{mix_version}"
-    tok = CompactTokenizer.build(list(vocabulary) + list(corpus_texts))
+    tok = CompactTokenizer.build([TEXT_PROMPT, *vocabulary, *corpus_texts])
     key = base_key(cfg, tok, mix_name)
     root = base_root(cfg)
     final = root / key
@@ -244,9 +271,10 @@ def _train_and_publish(cfg: StreamConfig, tok: CompactTokenizer, mix: MixFn, fin
     losses: list[float] = []
     heldout = float("nan")
     if base.steps > 0:
-        records = mix(base.samples, cfg.model.image_size, base.seed)
+        records = mix(base.samples, cfg.model.image_size, base.seed) + text_records(tok, base.text_samples, base.seed)
         gen_seconds = time.time() - t0
-        warm = warm_up_vision(vlm, records, base.vision_steps, base.batch_size, base.vision_lr, base.seed, log)
+        vision_records = records if base.vision_samples <= base.samples else mix(base.vision_samples, cfg.model.image_size, base.seed)
+        warm = warm_up_vision(vlm, vision_records, base.vision_steps, base.batch_size, base.vision_lr, base.seed, log)
         losses = pretrain(vlm, records, base, log)
         train_seconds = time.time() - t0 - gen_seconds
         held = mix(min(HELDOUT_RECORDS, base.samples), cfg.model.image_size, base.seed + HELDOUT_SEED_OFFSET)

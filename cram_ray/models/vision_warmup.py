@@ -26,21 +26,33 @@ CAPTION_WORDS = 4  # answers with more words than this are captions: not classes
 
 
 class QuestionHead(torch.nn.Module):
-    """Attention pooling of patch tokens with a per-question query, then a linear classifier."""
+    """Per-question attention pooling of the patch tokens, then a classifier over that question's answers.
 
-    def __init__(self, width: int, n_questions: int, n_answers: int) -> None:
+    The classifier sees the pooled tokens, their mean and the question's embedding, and its logits
+    are masked to the answers the question was seen with: measured on the mix, a classifier over
+    every answer of every question, told the question only through the pooling, reached 11% on
+    held-out records after 600 steps; with the question and the mask, 18-25%, and colour questions
+    went from 33% to 95-100%.
+    """
+
+    def __init__(self, width: int, allowed: torch.Tensor) -> None:
         super().__init__()
+        n_questions, n_answers = allowed.shape
         self.norm = torch.nn.LayerNorm(width)
         self.query = torch.nn.Embedding(n_questions, width)
-        self.classify = torch.nn.Sequential(torch.nn.Linear(2 * width, width), torch.nn.GELU(),
-                                            torch.nn.Linear(width, n_answers))
+        self.question = torch.nn.Embedding(n_questions, width)
+        self.classify = torch.nn.Sequential(torch.nn.Linear(3 * width, 2 * width), torch.nn.GELU(),
+                                            torch.nn.Linear(2 * width, n_answers))
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+        self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, tokens: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
         x = self.norm(tokens)  # (B, N, D)
         q = self.query(question)  # (B, D)
         attn = torch.softmax(torch.einsum("bnd,bd->bn", x, q) / math.sqrt(x.shape[-1]), dim=-1)
         pooled = torch.einsum("bn,bnd->bd", attn, x)
-        return self.classify(torch.cat([pooled, x.mean(dim=1)], dim=-1))
+        features = torch.cat([pooled, x.mean(dim=1), self.question(question)], dim=-1)
+        return self.classify(features) + self.mask.to(x.dtype)[question]
 
 
 def short_qa(records: Sequence[Record]) -> tuple[list[Record], dict[str, int], dict[str, int]]:
@@ -49,6 +61,14 @@ def short_qa(records: Sequence[Record]) -> tuple[list[Record], dict[str, int], d
     questions = {q: i for i, q in enumerate(sorted({r.instruction for r in kept}))}
     answers = {a: i for i, a in enumerate(sorted({r.answer.strip() for r in kept}))}
     return kept, questions, answers
+
+
+def allowed_answers(records: Sequence[Record], questions: dict[str, int], answers: dict[str, int]) -> torch.Tensor:
+    """(questions, answers) bool: which answers each question was seen with in ``records``."""
+    allowed = torch.zeros(len(questions), len(answers), dtype=torch.bool)
+    for r in records:
+        allowed[questions[r.instruction], answers[r.answer.strip()]] = True
+    return allowed
 
 
 def patch_tokens(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -74,7 +94,7 @@ def warm_up_vision(vlm, records: Sequence[Record], steps: int, batch_size: int, 
     model = vlm.model
     tower = model.model.vision_tower
     width = model.config.vision_config.hidden_size
-    head = QuestionHead(width, len(questions), len(answers)).to(next(tower.parameters()).dtype)
+    head = QuestionHead(width, allowed_answers(kept, questions, answers)).to(next(tower.parameters()).dtype)
     params = list(tower.parameters()) + list(head.parameters())
     for p in params:
         p.requires_grad_(True)

@@ -38,6 +38,8 @@ def tiny_cfg(tmp_path_factory) -> StreamConfig:
         "model.base.batch_size": 8,
         "model.base.samples": 32,
         "model.base.vision_steps": 5,
+        "model.base.vision_samples": 32,
+        "model.base.text_samples": 8,
     })
 
 

@@ -109,3 +109,17 @@ def test_build_vlm_loads_a_local_checkpoint(cfg, tmp_path):
     hf_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind="hf_llava", path=str(tmp_path / "ckpt")))
     vlm = build_vlm(hf_cfg, CORPUS)
     assert not any(p.requires_grad for p in vlm.model.parameters()) and not vlm.model.training
+
+
+def test_text_records_write_every_printable_token_and_repeat_their_instruction(tok):
+    records = base_mod.text_records(tok, 3 * len(tok), seed=5)
+    assert records == base_mod.text_records(tok, 3 * len(tok), seed=5)
+    assert base_mod.text_records(tok, 10, seed=5) == records[:10]
+    written = set()
+    for r in records:
+        assert r.image is None and r.task == base_mod.TEXT_TASK
+        assert r.instruction == f"{base_mod.TEXT_PROMPT} {r.answer}" and r.answer.strip() == r.answer != ""
+        written.update(tok.encode(" " + r.answer))
+    printable = {i for i in range(len(tok)) if i not in tok.special_ids and tok.decode([i]).strip()
+                 and tok.decode([i]).isprintable() and "\ufffd" not in tok.decode([i])}
+    assert printable <= written

@@ -6,7 +6,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from cram_ray.data.records import Record
-from cram_ray.models.vision_warmup import CAPTION_WORDS, short_qa, warm_up_vision
+from cram_ray.models.vision_warmup import CAPTION_WORDS, QuestionHead, allowed_answers, short_qa, warm_up_vision
 from cram_ray.models.vlm import VLM, ConvStem, build_tiny_llava, compact_processor
 
 
@@ -64,3 +64,19 @@ def test_warm_up_trains_only_the_tower_and_learns_an_image_only_label(tiny_cfg, 
     changed = {n for n, p in vlm.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith("model.vision_tower.") for n in changed)
     assert not any(p.requires_grad for p in vlm.model.model.vision_tower.parameters())
+
+
+def test_question_head_only_scores_the_answers_its_question_was_seen_with():
+    recs = [Record("a", "p", b"x", "Name the shape.", "circle", "exact"),
+            Record("b", "p", b"x", "Name the shape.", "square", "exact"),
+            Record("c", "p", b"x", "Name the colour.", "red", "exact")]
+    kept, questions, answers = short_qa(recs)
+    allowed = allowed_answers(kept, questions, answers)
+    assert allowed.sum() == 3 and allowed.shape == (2, 3)
+    torch.manual_seed(0)
+    head = QuestionHead(16, allowed)
+    q = torch.tensor([questions["Name the shape."], questions["Name the colour."]])
+    probs = torch.softmax(head(torch.randn(2, 5, 16), q), dim=-1)
+    assert torch.allclose(probs.sum(-1), torch.ones(2))
+    assert probs[0, answers["red"]] == 0 and probs[1, answers["circle"]] == 0 and probs[1, answers["square"]] == 0
+    assert probs[1, answers["red"]] == 1  # the only answer "Name the colour." was seen with
