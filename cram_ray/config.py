@@ -65,7 +65,7 @@ class BaseTrainConfig:
     lr: float = 2e-3
     samples: int = 20000  # distinct caption/QA records of the VLM stage (6000 let it overfit)
     vision_steps: int = 6000  # stage 0a: the vision tower alone answers the mix's short questions first
-    vision_samples: int = 60000  # distinct mix records of stage 0a (<= samples: reuse those; 6000 overfit: 0.02 train loss, 35% held-out)
+    vision_samples: int = 60000  # the first N mix records train stage 0a (the VLM stage's are the first `samples`; 6000 overfit: 0.02 train loss, 35% held-out)
     vision_lr: float = 1e-3
     text_samples: int = 2000  # text-only "Repeat after me" records added to the VLM stage: every vocabulary token is written at least once
     seed: int = 0

@@ -93,19 +93,15 @@ def bench_base(args: argparse.Namespace) -> None:
     print(f"answers that change when the images are shuffled: {100 * sum(a != b for a, b in zip(real, fake)) / n:.1f}%")
     transfer = stream_canvas_records(cfg, args.records // 4)
     answers = greedy_answers(vlm, [r for _, r in transfer], cfg.data.max_answer_len)
-    hits: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    per_task: dict[str, tuple[list[bool], set[str]]] = collections.defaultdict(lambda: ([], set()))
     for (task, r), a in zip(transfer, answers):
-        hits[task][0] += 1
-        hits[task][1] += a == r.answer
+        per_task[task][0].append(a == r.answer)
+        per_task[task][1].add(r.instruction)
     print("zero-shot on the stream's test images, asked the mix's own question:")
     print(f"{'task':14s} {'question':38s} {'n':>4s} {'exact %':>8s}")
-    questions: dict[str, set[str]] = collections.defaultdict(set)
-    for task, r in transfer:
-        questions[task].add(r.instruction)
-    for task, asked in questions.items():
-        c, hit = hits[task]
+    for task, (hits, asked) in per_task.items():
         label = next(iter(asked)) if len(asked) == 1 else f"one of {len(asked)} questions"
-        print(f"{task:14s} {label[:38]:38s} {c:4d} {100 * hit / c:8.1f}")
+        print(f"{task:14s} {label[:38]:38s} {len(hits):4d} {100 * sum(hits) / len(hits):8.1f}")
 
 
 def stream_canvas_records(cfg, n: int) -> list[tuple[str, "Record"]]:
@@ -117,7 +113,8 @@ def stream_canvas_records(cfg, n: int) -> list[tuple[str, "Record"]]:
     from cram_ray.data.records import Record
 
     def compose(q: str, a: str) -> tuple[str, str]:
-        shape = q.removeprefix("What colour is the ").rstrip("?")
+        head, tail = B.COMPOSE_TEMPLATE.split("{shape}")
+        shape = q.removeprefix(head).removesuffix(tail)
         return M.Q_COLOUR_OF.format(shape=shape), a
 
     as_mix = {

@@ -271,10 +271,10 @@ def _train_and_publish(cfg: StreamConfig, tok: CompactTokenizer, mix: MixFn, fin
     losses: list[float] = []
     heldout = float("nan")
     if base.steps > 0:
-        records = mix(base.samples, cfg.model.image_size, base.seed) + text_records(tok, base.text_samples, base.seed)
+        mixed = mix(max(base.samples, base.vision_samples), cfg.model.image_size, base.seed)  # a longer mix extends a shorter one
+        records = mixed[:base.samples] + text_records(tok, base.text_samples, base.seed)
         gen_seconds = time.time() - t0
-        vision_records = records if base.vision_samples <= base.samples else mix(base.vision_samples, cfg.model.image_size, base.seed)
-        warm = warm_up_vision(vlm, vision_records, base.vision_steps, base.batch_size, base.vision_lr, base.seed, log)
+        warm = warm_up_vision(vlm, mixed[:base.vision_samples], base.vision_steps, base.batch_size, base.vision_lr, base.seed, log)
         losses = pretrain(vlm, records, base, log)
         train_seconds = time.time() - t0 - gen_seconds
         held = mix(min(HELDOUT_RECORDS, base.samples), cfg.model.image_size, base.seed + HELDOUT_SEED_OFFSET)
