@@ -51,9 +51,20 @@ class LocalExecutor:
         return execute_stage(ctx, task, stage)
 
 
+def code_versions() -> dict[str, int]:
+    """Versions of what a run depends on beyond its config: the built-in generator, the base mix and
+    the tiny base's training recipe (each bumped whenever its output changes)."""
+    from cram_ray.data.builtin import GENERATOR_VERSION
+    from cram_ray.data.pretrain_mix import MIX_VERSION
+    from cram_ray.models.base import BASE_VERSION
+
+    return {"builtin": GENERATOR_VERSION, "mix": MIX_VERSION, "base": BASE_VERSION}
+
+
 def default_run_id(cfg: StreamConfig) -> str:
-    """Same config -> same run id, so rerunning a finished or interrupted stream resumes it."""
-    return f"{cfg.method.name}-{config_hash(cfg.to_dict())[:10]}"
+    """Same config and code versions -> same run id, so rerunning a finished or interrupted stream
+    resumes it, while a run made on an older base or benchmark is never resumed on a newer one."""
+    return f"{cfg.method.name}-{config_hash({'config': cfg.to_dict(), 'versions': code_versions()})[:10]}"
 
 
 def prepare_data(cfg: StreamConfig, run_id: str) -> list[TaskMeta]:

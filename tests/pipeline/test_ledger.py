@@ -60,3 +60,16 @@ def test_storage_accepts_file_uri(tmp_path):
     storage = Storage(f"file://{tmp_path}/s")
     storage.write_bytes_atomic("x/y.txt", b"hi")
     assert storage.read_bytes("x/y.txt") == b"hi" and storage.exists("x")
+
+
+def test_default_run_id_follows_the_config_and_the_base_version(monkeypatch):
+    import cram_ray.models.base as base_module
+    from cram_ray.config import StreamConfig
+    from cram_ray.pipeline.driver import default_run_id
+
+    cfg = StreamConfig()
+    first = default_run_id(cfg)
+    assert first == default_run_id(StreamConfig()) and first.startswith(cfg.method.name + "-")
+    assert default_run_id(cfg.replace(**{"train.lr": cfg.train.lr * 2})) != first
+    monkeypatch.setattr(base_module, "BASE_VERSION", base_module.BASE_VERSION + 1)
+    assert default_run_id(cfg) != first  # a stream on a retrained base is a new run, never a resume
