@@ -175,7 +175,8 @@ def grouped_bars(table: Mapping[str, Mapping[str, Any]], metrics: Sequence[str],
     ax.set_xticks(x, list(metrics))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8, ncols=min(len(methods), 4))
+    # below the axes: inside them it covers the tallest bars
+    ax.legend(fontsize=8, ncols=min(len(methods), 4), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     return _save(fig, path)
 
 
