@@ -60,10 +60,10 @@ class DataConfig:
 class BaseTrainConfig:
     """Stage 0: pretraining the tiny VLM on a generic caption/QA mix (cached by config hash)."""
 
-    steps: int = 1200  # optimizer steps; 0 = use the randomly initialised model as is
+    steps: int = 3000  # optimizer steps; 0 = use the randomly initialised model as is
     batch_size: int = 32
     lr: float = 2e-3
-    samples: int = 20000  # distinct caption/QA records of the VLM stage (6000 let it overfit)
+    samples: int = 40000  # distinct caption/QA records of the VLM stage (6000 let it overfit)
     vision_steps: int = 6000  # stage 0a: the vision tower alone answers the mix's short questions first
     vision_samples: int = 60000  # the first N mix records train stage 0a (the VLM stage's are the first `samples`; 6000 overfit: 0.02 train loss, 35% held-out)
     vision_lr: float = 1e-3
@@ -79,7 +79,7 @@ class ModelConfig:
     path: Optional[str] = None  # local HF Llava checkpoint directory (kind=hf_llava)
     vision_tower: Literal["clip", "siglip"] = "clip"
     image_size: int = 64  # must match data.builtin.image_size for the tiny model
-    patch_size: int = 8  # (image_size / patch_size)^2 image tokens
+    patch_size: int = 16  # (image_size / patch_size)^2 image tokens
     vision_hidden: int = 128
     vision_layers: int = 3
     conv_stem: bool = True  # tiny model: stride-2 conv stages instead of one patchify conv (learns shape from little data)

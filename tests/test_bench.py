@@ -55,6 +55,9 @@ def test_zero_shot_records_ask_mix_questions_the_base_can_answer():
     assert [r.answer for r in classify] == [str(["zero", "one", "two", "three", "four", "five", "six", "seven",
                                                   "eight", "nine"].index(n)) for n in names]
     assert {r.answer for r in by_task["choice"]} == {"top left", "top right", "bottom left", "bottom right"}
+    composed = [make_example("compose", "test", i, cfg.data.builtin.image_size, False, cfg.data.builtin.seed)[2]
+                for i in range(12)]
+    assert [r.answer for r in by_task["compose"]] == [a.split()[0] for a in composed]  # the colour half
     assert len(by_task["unanswerable"]) == 6 and UNANSWERABLE not in {r.answer for r in by_task["unanswerable"]}
 
 

@@ -112,16 +112,11 @@ def stream_canvas_records(cfg, n: int) -> list[tuple[str, "Record"]]:
     from cram_ray.data.draw import png_bytes
     from cram_ray.data.records import Record
 
-    def compose(q: str, a: str) -> tuple[str, str]:
-        head, tail = B.COMPOSE_TEMPLATE.split("{shape}")
-        shape = q.removeprefix(head).removesuffix(tail)
-        return M.Q_COLOUR_OF.format(shape=shape), a
-
     as_mix = {
         "choice": lambda q, a: (M.Q_WHERE, B.CHOICE_PANELS[B.CHOICE_LETTERS.index(a)]),
         "ocr": lambda q, a: (M.Q_TEXT, a),
         "classify": lambda q, a: (M.Q_DIGIT, str(B.NUMBER_WORDS.index(a))),
-        "compose": compose,
+        "compose": lambda q, a: (M.Q_COLOUR, a.split()[0]),  # "red circle": its colour half
         "unanswerable": lambda q, a: None if a == B.UNANSWERABLE else (M.Q_COLOUR, a),
         "count": lambda q, a: (M.Q_COUNT, a),
     }
