@@ -1,10 +1,15 @@
 """The Ray stream reproduces the in-process stream (one worker, same seed), and resumes.
 
 Every discrete output is equal: groups, ranks, routing decisions, predictions, the accuracy
-matrix. Float tensors agree to float32 rounding (max difference within 1e-4 of the tensor's
-largest value), not bit for bit: the tiny model's convolutional stem runs oneDNN kernels whose summation order depends on the batch shape, and a
-Ray Train worker feeds the vision tower differently sized batches than the in-process loop does
-(measured: largest difference 5e-6 on values of order 1).
+matrix. Float tensors agree closely (max difference within 1e-3 of the tensor's largest value),
+not bit for bit: the tiny model's convolutional stem runs oneDNN kernels whose summation order
+depends on the batch shape, and a Ray Train worker feeds the vision tower differently sized
+batches than the in-process loop does (measured: features differ by 5e-6 on values of order 1).
+Adam then divides each element's step by that element's own gradient scale, so an element whose
+gradient is near zero can move by a visible fraction of the learning rate: after the probe's few
+steps the LoRA B matrices (zero at the start) differ by up to 9.7e-5 of their largest value
+locally, and a CI run measured more than 1e-4. A wrong expert, task or batch would differ by
+order 1.
 """
 import json
 import sys
@@ -39,7 +44,7 @@ def _close(a, b) -> bool:
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
     if isinstance(a, float) or isinstance(b, float):
-        return a == pytest.approx(b, rel=1e-4, abs=1e-6)
+        return a == pytest.approx(b, rel=1e-3, abs=1e-6)
     return a == b
 
 
@@ -54,7 +59,8 @@ def _assert_same_output(a: Path, b: Path) -> None:
             assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, (a, k)
             if ta[k].is_floating_point():
                 # relative to the tensor's scale: sums of features cancel to near zero in places
-                assert (ta[k] - tb[k]).abs().max() <= 1e-4 * tb[k].abs().max() + 1e-6, (a, k)
+                diff, scale = (ta[k] - tb[k]).abs().max().item(), tb[k].abs().max().item()
+                assert diff <= 1e-3 * scale + 1e-6, (str(a), k, diff, scale)
             else:
                 assert torch.equal(ta[k], tb[k]), (a, k)
     elif a.suffix == ".json":
