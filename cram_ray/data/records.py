@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-METRICS = ("exact", "lower_exact", "option_letter", "vqa", "contains", "iou", "anls")
+METRICS = ("exact", "lower_exact", "option_letter", "vqa", "contains", "iou", "iou_grid", "anls")
 SCHEMA_FIELDS = ("id", "task", "image", "instruction", "answer", "metric")
 
 

@@ -4,7 +4,7 @@ import pytest
 from cram_ray.data.records import METRICS
 from cram_ray.eval import scorers
 from cram_ray.eval.scorers import (
-    box_iou, levenshtein, normalize_vqa, parse_box, parse_option_letter, score,
+    box_iou, grid_box_iou, normalize_vqa, parse_box, parse_option_letter, score, vqa_accuracy,
 )
 
 
@@ -159,12 +159,29 @@ def test_parse_box(text, box):
     assert parse_box(text) == box
 
 
-def test_box_iou_grid_cells_are_inclusive():
-    assert box_iou((3, 3, 3, 3), (3, 3, 3, 3)) == 1.0          # one cell is a box of area 1
-    assert box_iou((0, 0, 1, 1), (1, 1, 2, 2)) == pytest.approx(1 / 7)  # share one of 4+4-1 cells
-    assert box_iou((0, 0, 0, 0), (1, 1, 1, 1)) == 0.0          # adjacent cells do not overlap
+def test_grid_box_iou_cells_are_inclusive():
+    assert grid_box_iou((3, 3, 3, 3), (3, 3, 3, 3)) == 1.0          # one cell is a box of area 1
+    assert grid_box_iou((0, 0, 1, 1), (1, 1, 2, 2)) == pytest.approx(1 / 7)  # share one of 4+4-1 cells
+    assert grid_box_iou((0, 0, 0, 0), (1, 1, 1, 1)) == 0.0          # adjacent cells do not overlap
     # (0,0)-(3,1) covers 4x2 = 8 cells, (0,0)-(1,1) covers 4: IoU 4/8
-    assert box_iou((0, 0, 3, 1), (0, 0, 1, 1)) == pytest.approx(0.5)
+    assert grid_box_iou((0, 0, 3, 1), (0, 0, 1, 1)) == pytest.approx(0.5)
+
+
+def test_box_iou_is_continuous():
+    assert box_iou((0.1, 0.1, 0.2, 0.2), (0.15, 0.15, 0.25, 0.25)) == pytest.approx(0.0025 / 0.0175)
+    assert box_iou((0, 0, 10, 10), (0, 0, 10, 5)) == pytest.approx(0.5)
+    assert box_iou((3, 3, 3, 3), (3, 3, 3, 3)) == 0.0  # a point has no area
+    assert box_iou((0, 0, 1, 1), (1, 1, 2, 2)) == 0.0  # touching corners do not overlap
+
+
+@pytest.mark.parametrize("pred, ans, want", [
+    ("[0.1, 0.1, 0.2, 0.2]", "[0.15, 0.15, 0.25, 0.25]", 0.0),  # IoU 0.14: a miss
+    ("[0.1, 0.1, 0.5, 0.5]", "[0.12, 0.12, 0.5, 0.5]", 1.0),
+    ("[10, 20, 110, 220]", "[10, 20, 110, 200]", 1.0),  # pixels: 0.9
+    ("[0.1, 0.1, 0.2, 0.2]", "[0.5, 0.5, 0.6, 0.6]", 0.0),
+])
+def test_iou_continuous(pred, ans, want):
+    assert score("iou", pred, ans) == want
 
 
 @pytest.mark.parametrize("pred, ans, want", [
@@ -177,20 +194,40 @@ def test_box_iou_grid_cells_are_inclusive():
     ("somewhere left", "[2, 2, 5, 5]", 0.0),
     ("", "[2, 2, 5, 5]", 0.0),
 ])
-def test_iou(pred, ans, want):
-    assert score("iou", pred, ans) == want
+def test_iou_grid(pred, ans, want):
+    assert score("iou_grid", pred, ans) == want
 
 
-def test_iou_answer_without_box_is_a_data_error():
+@pytest.mark.parametrize("metric", ["iou", "iou_grid"])
+def test_iou_answer_without_box_is_a_data_error(metric):
     with pytest.raises(ValueError, match="not a box"):
-        score("iou", "[1, 1, 2, 2]", "top left")
+        score(metric, "[1, 1, 2, 2]", "top left")
 
 
-def test_levenshtein():
-    assert levenshtein("kitten", "sitting") == 3
-    assert levenshtein("", "abc") == 3
-    assert levenshtein("abc", "abc") == 0
-    assert levenshtein("flaw", "lawn") == 2
+@pytest.mark.parametrize("pred, answers, want", [
+    ("yes", ["yes"] * 3 + ["no"] * 7, 0.9),
+    ("two", ["2"] * 2 + ["3"] * 8, 0.6),
+    ("no", ["yes"] * 3 + ["no"] * 7, 1.0),      # 7 matches: every subset has >= 3
+    ("maybe", ["yes"] * 10, 0.0),
+    ("yes", ["yes"] * 4 + ["no"] * 6, 1.0),      # 4 matches: every subset keeps >= 3
+    ("The dog.", ["dog"] + ["cat"] * 9, 0.3),   # normalised match: 9 subsets earn 1/3, over 10
+    ("yes", ["yes"], 1.0),
+])
+def test_vqa_official_accuracy(pred, answers, want):
+    assert score("vqa", pred, answers) == pytest.approx(want)
+    assert vqa_accuracy(pred, answers) == pytest.approx(want)
+
+
+def test_vqa_answer_list_must_not_be_empty():
+    with pytest.raises(ValueError, match="empty"):
+        score("vqa", "yes", [])
+
+
+def test_other_metrics_take_the_best_of_a_list():
+    assert score("lower_exact", "Paris", ["London", "paris."]) == 1.0
+    assert score("anls", "helo", ["world", "hello"]) == pytest.approx(0.8)
+    assert score("option_letter", "C", ["B", "C"]) == 1.0
+    assert score("exact", "x", ["y", "z"]) == 0.0
 
 
 @pytest.mark.parametrize("pred, ans, want", [
@@ -211,6 +248,6 @@ def test_anls(pred, ans, want):
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("pred", ["", "B", "[1, 1, 2, 2]", "two red balls", "x" * 40])
 def test_scores_are_in_unit_interval(metric, pred):
-    ans = {"option_letter": "B", "iou": "[1, 1, 2, 2]"}.get(metric, "two red balls")
+    ans = {"option_letter": "B", "iou": "[1, 1, 2, 2]", "iou_grid": "[1, 1, 2, 2]"}.get(metric, "two red balls")
     s = score(metric, pred, ans)
     assert isinstance(s, float) and 0.0 <= s <= 1.0

@@ -1,4 +1,4 @@
-"""Adaptive-rank allocation (DESIGN §3, §8): equals a truncated SVD, floors, caps, novelty."""
+"""Adaptive-rank allocation: equals a truncated SVD of the probe update, floors, caps, novelty."""
 import time
 
 import torch
@@ -29,7 +29,7 @@ def _truncated(M, k):
 def test_no_history_equals_the_truncated_svd_of_the_probe_update():
     A, B = _buffer(24, 20, 8)
     for k in (1, 3, 8):
-        A_new, B_new = allocate(A, B, SCALE_BUF / SCALE_EXPERT, [], 0.0, 0.5, k, k)
+        A_new, B_new = allocate(A, B, SCALE_BUF, [], 0.0, 0.5, k, k, expert_scale=SCALE_EXPERT)
         assert A_new.shape == (k, 20) and B_new.shape == (24, k)
         torch.testing.assert_close(SCALE_EXPERT * B_new @ A_new, _truncated(SCALE_BUF * B @ A, k))
 
@@ -37,8 +37,19 @@ def test_no_history_equals_the_truncated_svd_of_the_probe_update():
 def test_expert_scale_differs_from_buffer_scale():
     A, B = _buffer(12, 10, 6, seed=3)
     scale_buf, scale_expert = 3.0, 0.5
-    A_new, B_new = allocate(A, B, scale_buf / scale_expert, [], 0.0, 0.5, 4, 4)
+    A_new, B_new = allocate(A, B, scale_buf, [], 0.0, 0.5, 4, 4, expert_scale=scale_expert)
     torch.testing.assert_close(scale_expert * B_new @ A_new, _truncated(scale_buf * B @ A, 4))
+
+
+def test_threshold_sees_the_buffer_update_whatever_the_expert_scale():
+    # the probe's update scale_buf * B A has these singular values; tau_alloc 0.08 keeps 7 of them
+    S = [0.3, 0.2, 0.15, 0.12, 0.1, 0.09, 0.085, 0.05, 0.03, 0.01]
+    V = torch.eye(24, dtype=torch.float64)[:10]
+    A, B = _designed_buffer(S, V, d_out=16)
+    for s in (1.0, 2.0):
+        A_new, B_new = allocate(A, B, SCALE_BUF, [], 0.08, 0.5, 2, 10, expert_scale=s)
+        assert A_new.shape[0] == 7
+        torch.testing.assert_close(s * B_new @ A_new, _truncated(SCALE_BUF * B @ A, 7))
 
 
 def test_buffer_svd_matches_the_dense_svd():
@@ -103,6 +114,32 @@ def test_novelty_threshold_one_rejects_everything_but_the_floor():
     A, B = _buffer(10, 12, 5, seed=2)
     A_new, _ = allocate(A, B, 1.0, [torch.randn(2, 12, dtype=torch.float64)], 0.0, 1.0, 2, 5)
     assert A_new.shape[0] == 2
+
+
+def test_directions_inside_the_history_are_replaced_by_fresh_orthogonal_ones():
+    d = 12
+    V = torch.eye(d, dtype=torch.float64)[:3]
+    A, B = _designed_buffer([2.0, 1.0, 0.5], V, d_out=8)
+    A_hist = [torch.eye(d, dtype=torch.float64)[:4]]  # the old expert spans every buffer direction
+    A_new, B_new = allocate(A, B, SCALE_BUF, A_hist, 0.08, 0.5, 3, 5, expert_scale=SCALE_EXPERT)
+    assert A_new.shape == (3, d) and B_new.shape == (8, 3)
+    assert torch.isfinite(A_new).all()
+    torch.testing.assert_close(A_new @ A_hist[0].T, torch.zeros(3, 4, dtype=torch.float64), atol=1e-12, rtol=0)
+    rows = A_new / A_new.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(rows @ rows.T, torch.eye(3, dtype=torch.float64))
+    assert not B_new.any()  # nothing of the probe's update can be kept: the expert starts at zero
+
+
+def test_a_partly_null_buffer_keeps_its_novel_directions_and_fills_the_floor():
+    d = 10
+    V = torch.eye(d, dtype=torch.float64)[:3]
+    A, B = _designed_buffer([2.0, 1.0, 0.5], V, d_out=6)
+    A_hist = [torch.eye(d, dtype=torch.float64)[:2]]  # covers the two largest directions only
+    A_new, B_new = allocate(A, B, SCALE_BUF, A_hist, 0.08, 0.5, 3, 5, expert_scale=SCALE_EXPERT)
+    assert A_new.shape == (3, d)
+    torch.testing.assert_close(SCALE_EXPERT * B_new @ A_new, _truncated(SCALE_BUF * B @ A @ torch.diag(
+        torch.tensor([0.0, 0.0] + [1.0] * (d - 2), dtype=torch.float64)), 1))
+    torch.testing.assert_close(A_new @ A_hist[0].T, torch.zeros(3, 2, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
 def test_dtype_is_preserved():

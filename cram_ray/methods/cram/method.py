@@ -163,8 +163,8 @@ class Cram(ContinualMethod):
             A_buf, B_buf = layer.buffer.A.detach(), layer.buffer.B.detach()
             if bool(B_buf.any()):  # the probe moved this layer's buffer away from its B = 0 start
                 A, B = allocate_rank(
-                    A_buf, B_buf, BUFFER_SCALE / EXPERT_SCALE, A_hist, self.hp.tau_alloc, self.hp.tau_novel,
-                    self.hp.rank_min, self.hp.rank_max, tau_rel=self.hp.tau_rel,
+                    A_buf, B_buf, BUFFER_SCALE, A_hist, self.hp.tau_alloc, self.hp.tau_novel,
+                    self.hp.rank_min, self.hp.rank_max, tau_rel=self.hp.tau_rel, expert_scale=EXPERT_SCALE,
                 )
                 layer.add_slot(slot, A, B)
                 probed += 1

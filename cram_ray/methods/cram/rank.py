@@ -1,4 +1,4 @@
-"""Adaptive-rank instantiation of a new expert from the probe buffer (DESIGN §3 and §8).
+"""Adaptive-rank instantiation of a new expert from the probe buffer.
 
 Per target linear, the probe buffer's update ``scale * B_buf A_buf`` (d_out x d_in, rank r) is
 decomposed without ever forming it: ``B_buf = Q_B R_B`` (thin QR), then the small SVD
@@ -8,16 +8,26 @@ row space of the group's earlier experts; the set is topped up to ``rank_min`` w
 remaining directions. The kept right vectors are orthogonalised against the earlier experts'
 row space and renormalised, and the new expert starts as
 
-    B_new = U sqrt(S),   A_new = sqrt(S) V_orth.
+    B_new = U sqrt(S / expert_scale),   A_new = sqrt(S / expert_scale) V_orth.
 
-Scale convention: the caller passes ``scale = scale_buf / scale_expert``, so that without history
-``scale_expert * B_new A_new`` equals the rank-truncated probe update ``scale_buf * B_buf A_buf``.
+Scale convention: ``scale`` is the buffer's own scale, so the thresholds see the singular values of
+the update the probe actually learned, ``scale_buf * B_buf A_buf``; the expert's scale is divided out
+of the factors, so without history ``expert_scale * B_new A_new`` equals that update truncated to
+the kept directions (the expert starts exactly where the probe ended, whatever either scale is).
+
+A direction that lies (numerically) inside the span of the group's earlier experts has no part left
+to orthogonalise: it is never kept. When fewer than ``rank_min`` usable directions remain, the
+expert is completed with input directions orthogonal to the history and to the kept ones, with a
+zero output factor (as a fresh LoRA column: it adds capacity without changing the initial update).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+
+# Below this share of its norm outside the history span, a direction is taken to lie inside it.
+NULL_RESIDUAL = 1e-6
 
 
 def orthonormal_basis(M: torch.Tensor, rtol: float = 1e-10) -> torch.Tensor:
@@ -71,13 +81,15 @@ def allocate(
     rank_max: int,
     *,
     tau_rel: float = 0.0,
+    expert_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Initial factors of a new expert from a trained probe buffer.
 
     Args:
         A_buf: (r, d_in) buffer down-projection.
         B_buf: (d_out, r) buffer up-projection.
-        scale: factor applied to ``B_buf A_buf`` before the SVD (``scale_buf / scale_expert``).
+        scale: the buffer's scale: the thresholds apply to the singular values of
+            ``scale * B_buf A_buf``.
         A_hist: A factors (r_i, d_in) of the group's earlier experts at this layer; may be empty.
         tau_alloc: absolute spectral threshold: candidates have ``S_j > tau_alloc``.
         tau_novel: keep a candidate only if the share of its norm outside the span of ``A_hist``
@@ -85,11 +97,16 @@ def allocate(
         rank_min: floor: top up with the largest remaining directions.
         rank_max: cap on the candidates.
         tau_rel: relative threshold (0 = off): candidates also need ``S_j > tau_rel * S_0``.
+        expert_scale: the new expert's scale; ``expert_scale * B_new A_new`` reproduces the kept
+            part of the buffer's update.
 
     Returns:
-        (A_new (k, d_in), B_new (d_out, k)) in ``A_buf``'s dtype, ``rank_min <= k`` (unless the
-        buffer has fewer directions), ``k <= max(rank_min, rank_max)``.
+        (A_new (k, d_in), B_new (d_out, k)) in ``A_buf``'s dtype with
+        ``k = max(rank_min, kept)`` (``rank_min`` capped by the room left outside the history),
+        ``k <= max(rank_min, rank_max)``.
     """
+    if not expert_scale > 0:
+        raise ValueError(f"allocate: expert_scale must be > 0, got {expert_scale}")
     if A_buf.dim() != 2 or B_buf.dim() != 2 or A_buf.shape[0] != B_buf.shape[1]:
         raise ValueError(
             f"allocate: expected A_buf (r, d_in), B_buf (d_out, r); got {tuple(A_buf.shape)}, {tuple(B_buf.shape)}"
@@ -106,18 +123,41 @@ def allocate(
     Q = history_basis(A_hist, d_in)  # (d_in, k_hist)
     residual = _project_out(V, Q)  # (r, d_in)
     novelty = residual.norm(dim=1) / V.norm(dim=1).clamp_min(1e-300)  # (r,)
-    kept = [j for j in candidates if novelty[j] > tau_novel]
+    usable = novelty > NULL_RESIDUAL
+    kept = [j for j in candidates if usable[j] and novelty[j] > tau_novel]
     for j in range(r):  # top up with the largest remaining directions
         if len(kept) >= rank_min:
             break
-        if j not in kept:
+        if j not in kept and usable[j]:
             kept.append(j)
     kept.sort()  # descending singular value
 
     idx = torch.tensor(kept, dtype=torch.long)
     V_orth = residual[idx]  # (k, d_in)
     V_orth = V_orth / V_orth.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    root = S[idx].sqrt()  # (k,)
+    root = (S[idx] / expert_scale).sqrt()  # (k,)
     B_new = U[:, idx] * root  # (d_out, k)
     A_new = root[:, None] * V_orth  # (k, d_in)
+    missing = min(rank_min, d_in - Q.shape[1]) - len(kept)
+    if missing > 0:
+        # rows at the magnitude of the weakest kept direction (or of the threshold) so they train
+        # at the pace of the others
+        size = root.min() if kept else torch.tensor(max(tau_alloc, 1e-3) / expert_scale, dtype=S.dtype).sqrt()
+        extra = complement_rows(torch.cat([Q, V_orth.T], dim=1), missing)  # (missing, d_in)
+        A_new = torch.cat([A_new, size * extra], dim=0)
+        B_new = torch.cat([B_new, B_new.new_zeros(B_new.shape[0], missing)], dim=1)
     return A_new.to(A_buf.dtype), B_new.to(B_buf.dtype)
+
+
+def complement_rows(basis: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` orthonormal rows (k, d) orthogonal to the columns of ``basis`` (d, m), chosen
+    deterministically: the coordinate axes with the largest part outside the span, orthonormalised."""
+    d = basis.shape[0]
+    Q = orthonormal_basis(basis) if basis.shape[1] else basis
+    rows: list[torch.Tensor] = []
+    for _ in range(k):
+        span = torch.cat([Q] + [row[:, None] for row in rows], dim=1)
+        outside = _project_out(torch.eye(d, dtype=torch.float64), span)  # (d, d): axes minus span
+        j = int(outside.norm(dim=1).argmax())
+        rows.append(outside[j] / outside[j].norm())
+    return torch.stack(rows)
