@@ -130,6 +130,29 @@ class Storage:
                 self.fs.delete_file(self.path(rel))
 
 
+def marker_digest(marker: dict[str, Any]) -> str:
+    """SHA-256 of a marker's file list and result, so an edited metric or file list is detected
+    (a guard against edits and partial writes, not against someone who recomputes the digest)."""
+    covered = {"files": marker.get("files"), "result": marker.get("result")}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def well_formed(marker: Any, task: int, stage: str) -> bool:
+    """A marker is a dict of ``files`` (name -> hex digest), ``result`` (this stage's StageResult
+    JSON) and ``digest``; anything else is treated as absent."""
+    if not isinstance(marker, dict) or not isinstance(marker.get("digest"), str):
+        return False
+    files, result = marker.get("files"), marker.get("result")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        return False
+    if not isinstance(result, dict) or not isinstance(result.get("metrics", {}), dict):
+        return False
+    try:
+        return result["stage"] == stage and int(result["task"]) == task and float(result.get("seconds", 0.0)) >= 0
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def stage_rel(run_id: str, task: int, stage: str) -> str:
     """``<run_id>/task_<t>/<stage>``; run-wide steps (task < 0, e.g. data) sit at ``<run_id>/<stage>``."""
     return f"{run_id}/{stage}" if task < 0 else f"{run_id}/task_{task}/{stage}"
@@ -154,19 +177,25 @@ class Ledger:
         }
         self.storage.put_dir(local_dir, rel)
         marker = {"files": files, "finished_at": time.time(), "result": result.to_json()}
+        marker["digest"] = marker_digest(marker)
         self.storage.write_bytes_atomic(f"{rel}/{MARKER}", json.dumps(marker, indent=1).encode())
 
     def marker(self, task: int, stage: str) -> Optional[dict[str, Any]]:
+        """The stage's marker if it exists, has the marker's shape, and its digest covers its content."""
         rel = f"{self.rel(task, stage)}/{MARKER}"
         if not self.storage.exists(rel):
             return None
         try:
-            return json.loads(self.storage.read_bytes(rel))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            marker = json.loads(self.storage.read_bytes(rel))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             return None
+        if not well_formed(marker, task, stage) or marker["digest"] != marker_digest(marker):
+            return None
+        return marker
 
     def verify(self, task: int, stage: str) -> Optional[StageResult]:
-        """The stage's result if its marker exists and every listed file matches its checksum."""
+        """The stage's result if its marker is intact and every listed file matches its checksum;
+        None (the stage reruns) for a missing, malformed, edited or stale marker."""
         marker = self.marker(task, stage)
         if marker is None:
             return None

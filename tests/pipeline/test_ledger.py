@@ -1,6 +1,8 @@
 """The ledger is the only truth about progress: markers verify checksums and are written last."""
 import json
 
+import pytest
+
 from cram_ray.pipeline.ledger import MARKER, Ledger, StageResult, Storage
 
 
@@ -73,3 +75,45 @@ def test_default_run_id_follows_the_config_and_the_base_version(monkeypatch):
     assert default_run_id(cfg.replace(**{"train.lr": cfg.train.lr * 2})) != first
     monkeypatch.setattr(base_module, "BASE_VERSION", base_module.BASE_VERSION + 1)
     assert default_run_id(cfg) != first  # a stream on a retrained base is a new run, never a resume
+
+
+def _committed(tmp_path):
+    ledger = Ledger(Storage(str(tmp_path / "store")), "r")
+    ledger.commit(StageResult("evaluate", 2, {"row": [50.0, 60.0]}), _stage_dir(tmp_path, {"p.jsonl": b"{}\n"}))
+    return ledger, tmp_path / "store/r/task_2/evaluate" / MARKER
+
+
+def test_an_edited_result_in_a_marker_is_detected(tmp_path):
+    ledger, path = _committed(tmp_path)
+    marker = json.loads(path.read_text())
+    marker["result"]["metrics"]["row"] = [50.0, 99.0]  # a forged score, valid JSON
+    path.write_text(json.dumps(marker))
+    assert ledger.verify(2, "evaluate") is None
+
+
+def test_an_edited_file_list_in_a_marker_is_detected(tmp_path):
+    ledger, path = _committed(tmp_path)
+    marker = json.loads(path.read_text())
+    marker["files"] = {}  # drop the checksum of p.jsonl so a changed file would pass
+    path.write_text(json.dumps(marker))
+    assert ledger.verify(2, "evaluate") is None
+
+
+@pytest.mark.parametrize("content", [
+    "[]", "null", "1", '"done"', '{"files": [], "result": {}}',
+    '{"files": {}, "result": {"stage": "evaluate", "task": 2}}',  # no digest
+    '{"files": {"a": 1}, "result": {"stage": "evaluate", "task": 2}, "digest": "x"}',
+    "[" * 100_000 + "]" * 100_000,  # nested deeper than the JSON parser recurses
+])
+def test_a_marker_of_the_wrong_shape_means_not_done(tmp_path, content):
+    ledger, path = _committed(tmp_path)
+    path.write_text(content)
+    assert ledger.verify(2, "evaluate") is None
+
+
+def test_a_marker_moved_to_another_stage_is_not_taken(tmp_path):
+    ledger, path = _committed(tmp_path)
+    other = tmp_path / "store/r/task_1/evaluate"
+    other.mkdir(parents=True)
+    (other / MARKER).write_text(path.read_text())
+    assert ledger.verify(1, "evaluate") is None
