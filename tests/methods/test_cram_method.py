@@ -286,7 +286,8 @@ def test_training_routes_over_the_group_with_the_new_centroid_included():
     torch.testing.assert_close(pi.sum(1), torch.ones(8))
     assert (pi[:, 1] > 0.5).all()  # the task's own samples lie at the new centroid
     m.route(make_batch(1, 0, g, has_image=False), training=True)
-    assert m.context.weights[:, 0].tolist() == [1.0] * 8  # no image: the group's first expert
+    assert m.context.weights[:, 1].tolist() == [1.0] * 8  # no image: the task's own expert trains
+    assert m._gamma.tolist() == [0.0] * 8  # and no routing mass on old experts to penalise
 
 
 def test_inference_routes_every_task_to_its_own_expert():

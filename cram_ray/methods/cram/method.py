@@ -455,7 +455,8 @@ class Cram(ContinualMethod):
         member[self.new_slot] = new_ok
         member[:-1] &= has
         candidates = member[None].expand(size, n_slots)
-        first = torch.full((size,), history[0], dtype=torch.long)
+        # a sample without an image trains the task's own expert (it cannot be placed by image)
+        first = torch.full((size,), self.new_slot, dtype=torch.long)
         q = feats if feats is not None else torch.zeros(size, dim)
         pi, choice = self.router.weights(q, centroids, candidates, first, has_image,
                                          fallback_sq_dist=self._probe_sq_dist())
