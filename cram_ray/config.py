@@ -138,38 +138,72 @@ class CramConfig:
 
 
 @dataclass
-class BaselineConfig:
-    """Settings of the comparison methods (DESIGN §4)."""
+class MoELoRAConfig:
+    """MoELoRA (CoIN's baseline): E LoRA experts mixed per token, everything trainable."""
 
-    moelora_experts: int = 4  # MoELoRA: experts of rank lora_rank / E
-    olora_lambda: float = 0.5  # O-LoRA orthogonality weight
-    same_mu: float = 0.9  # SAME curvature damping
-    same_energy: float = 0.9  # SAME cumulative energy kept by the spectral subspaces
-    same_every: int = 20  # SAME: steps between router-subspace refreshes
-    same_mask_threshold: float = 0.1  # SAME: adaptive activation score threshold
-    same_start: int = 10  # SAME: first step of spectral-aware routing
-    same_k: int = 64  # SAME: randomized range finder size
-    same_windows: int = 3  # SAME: refreshes averaged into S_avg
-    same_scale_min: float = 0.8  # SAME: clamp of the in-subspace router-gradient factor
-    same_scale_max: float = 1.2
-    same_ema: float = 0.95  # SAME: decay of the utility / importance averages
-    same_prior_temperature: float = 28.0  # SAME inference prior: softmax(temp * similarity)
-    same_prior_image_weight: float = 0.2  # SAME prior similarity = w cos_img + (1 - w) cos_txt
-    same_top_k: int = 2  # SAME inference: experts kept per sample
-    hide_image_weight: float = 0.5  # HiDe: anchor score = w cos_img + (1 - w) cos_txt
+    experts: int = 8  # E; the reference uses one expert per task of the stream (8 on CoIN and built-in)
+    expert_rank: int = 0  # rank of each expert; 0 = method.lora_rank (reference at 7B: 8 x rank 8 = 64)
 
     def __post_init__(self) -> None:
-        if self.moelora_experts < 1 or self.same_k < 1 or self.same_windows < 1 or self.same_top_k < 1:
-            raise ConfigError("method.baselines: moelora_experts, same_k, same_windows and same_top_k must be >= 1")
-        if self.same_every < 1 or self.same_start < 0:
-            raise ConfigError("method.baselines.same_every / same_start: expected >= 1 / >= 0")
-        for key in ("same_energy", "same_ema", "same_prior_image_weight", "hide_image_weight"):
+        if self.experts < 1 or self.expert_rank < 0:
+            raise ConfigError(f"method.moelora: expected experts >= 1 and expert_rank >= 0, "
+                              f"got {self.experts} / {self.expert_rank}")
+
+
+@dataclass
+class OLoRAConfig:
+    """O-LoRA: one slot per task, orthogonality penalty against the old slots."""
+
+    lam: float = 0.5  # weight of sum |A_t A_i^T| (A_i detached)
+
+    def __post_init__(self) -> None:
+        if not self.lam >= 0:
+            raise ConfigError(f"method.olora.lam: expected >= 0, got {self.lam}")
+
+
+@dataclass
+class HiDeConfig:
+    """HiDe-LLaVA: anchor-routed top block, fused lower blocks."""
+
+    image_weight: float = 0.5  # anchor score = w cos_img + (1 - w) cos_txt
+    fusion: Literal["sum", "mean"] = "sum"  # lower blocks at test: sum at weight 1 (toolbox) or mean (paper)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.image_weight <= 1.0:
+            raise ConfigError(f"method.hide.image_weight: expected in [0, 1], got {self.image_weight}")
+
+
+@dataclass
+class SameConfig:
+    """SAME: routed FFN experts with spectral-aware routing and curvature-aware scaling."""
+
+    target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])  # FFN, as the reference
+    mu: float = 0.9  # curvature damping
+    energy: float = 0.9  # cumulative energy kept by the spectral subspaces
+    every: int = 20  # steps between router-subspace refreshes
+    mask_threshold: float = 0.1  # adaptive activation score threshold
+    start: int = 10  # first step of spectral-aware routing
+    k: int = 64  # randomized range finder size
+    windows: int = 3  # refreshes averaged into S_avg
+    scale_min: float = 0.8  # clamp of the in-subspace router-gradient factor
+    scale_max: float = 1.2
+    ema: float = 0.95  # decay of the utility / importance averages
+    prior_temperature: float = 28.0  # inference prior: softmax(temp * similarity)
+    prior_image_weight: float = 0.2  # prior similarity = w cos_img + (1 - w) cos_txt
+    top_k: int = 2  # inference: experts kept per sample
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.windows < 1 or self.top_k < 1 or self.every < 1 or self.start < 0:
+            raise ConfigError("method.same: expected k, windows, top_k, every >= 1 and start >= 0")
+        for key in ("energy", "ema", "prior_image_weight"):
             if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"method.baselines.{key}: expected in [0, 1], got {getattr(self, key)}")
-        if self.same_mu <= 0:
-            raise ConfigError(f"method.baselines.same_mu: expected > 0, got {self.same_mu}")
-        if not 0.0 < self.same_scale_min <= self.same_scale_max:
-            raise ConfigError("method.baselines.same_scale_min/max: expected 0 < same_scale_min <= same_scale_max")
+                raise ConfigError(f"method.same.{key}: expected in [0, 1], got {getattr(self, key)}")
+        if not self.mu > 0:
+            raise ConfigError(f"method.same.mu: expected > 0, got {self.mu}")
+        if not 0.0 < self.scale_min <= self.scale_max:
+            raise ConfigError("method.same.scale_min/scale_max: expected 0 < scale_min <= scale_max")
+        if not self.target_modules:
+            raise ConfigError("method.same.target_modules: expected at least one module name")
 
 
 @dataclass
@@ -180,7 +214,10 @@ class MethodConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     lora_rank: int = 8  # rank of a LoRA / one expert slot of the fixed-rank methods
     cram: CramConfig = field(default_factory=CramConfig)
-    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    moelora: MoELoRAConfig = field(default_factory=MoELoRAConfig)
+    olora: OLoRAConfig = field(default_factory=OLoRAConfig)
+    hide: HiDeConfig = field(default_factory=HiDeConfig)
+    same: SameConfig = field(default_factory=SameConfig)
 
 
 @dataclass

@@ -1,14 +1,14 @@
-"""HiDe-LLaVA: task-specific expansion in the last block, task-general fusion below (DESIGN §4;
-Guo et al., ACL 2025).
+"""HiDe-LLaVA: task-specific expansion in the last block, task-general fusion below (Guo et al.,
+ACL 2025), as the reference toolbox implements it.
 
 Every task adds one expert slot on the target linears of every transformer block, and two anchors:
-the mean image and the mean text routing feature of its training data. The blocks differ in how
-they use the experts:
+the mean image and the mean text routing feature of its training data.
 
-* the LAST block uses a single expert per sample: the true task's while training, at test time the
-  task with the highest ``w cos(img, img_anchor) + (1 - w) cos(txt, txt_anchor)`` (w = 0.5);
-* every other block sums all experts at weight 1 (while training task t: experts 0..t, the old
-  ones frozen).
+* Training task t uses expert t alone in every block (the old experts frozen and unused).
+* At test time the LAST block uses a single expert per sample: the task with the highest
+  ``w cos(img, img_anchor) + (1 - w) cos(txt, txt_anchor)`` (w = 0.5); every other block fuses all
+  experts: ``method.hide.fusion: sum`` adds them at weight 1 (the reference toolbox), ``mean`` at
+  weight 1/T (the paper's uniform merge; a named variant, ``hide@fusion=mean``).
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ class HiDe(ContinualMethod):
 
     def __init__(self, cfg: StreamConfig) -> None:
         super().__init__(cfg)
-        self.image_weight = cfg.method.baselines.hide_image_weight
+        self.image_weight = cfg.method.hide.image_weight
+        self.fusion = cfg.method.hide.fusion
         self.slots = TaskSlots(cfg.method.lora_rank, cfg.train.seed)
         self.anchors = TaskAnchors()
         self.contexts: dict[int, RoutingContext] = {}  # block index -> its routing context
@@ -89,18 +90,19 @@ class HiDe(ContinualMethod):
         if training:
             if not self.training:
                 raise RuntimeError("HiDe.route(training=True): call begin_train first")
-            n = self.task.index + 1
-            choice = torch.full((size,), self.task.index, dtype=torch.long)
-        else:
-            n = len(self.anchors)  # committed tasks only
-            if n == 0:
-                self._choice = torch.full((size,), -1, dtype=torch.long)
-                return
-            choice = pick_task(self.anchors.scores(batch, self.image_weight))
-            self._choice = choice
-        summed = torch.ones(size, n)
+            own = one_hot(torch.full((size,), self.task.index, dtype=torch.long), self.task.index + 1)
+            for ctx in self.contexts.values():
+                ctx.weights = own
+            return
+        n = len(self.anchors)  # committed tasks only
+        if n == 0:
+            self._choice = torch.full((size,), -1, dtype=torch.long)
+            return
+        choice = pick_task(self.anchors.scores(batch, self.image_weight))
+        self._choice = choice
+        fused = torch.full((size, n), 1.0 if self.fusion == "sum" else 1.0 / n)
         for block, ctx in self.contexts.items():
-            ctx.weights = one_hot(choice, n) if block == self.last_block else summed
+            ctx.weights = one_hot(choice, n) if block == self.last_block else fused
 
     def routed_task(self) -> Optional[torch.Tensor]:
         return self._choice

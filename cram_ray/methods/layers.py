@@ -49,9 +49,11 @@ def replace_linears(model: nn.Module, patterns: Iterable[str], build: Callable[[
 class MoELoRALinear(nn.Module):
     """A frozen linear plus E LoRA experts mixed per token by a softmax gate on the layer input.
 
-    ``y_t = W0 x_t + scale * sum_e g_e(x_t) B_e A_e x_t`` with ``g(x_t) = softmax(W_g x_t)``: two
-    tokens of one sample can weigh the experts differently. The E experts are stored stacked:
-    ``A`` (E * r, d_in) and ``B`` (d_out, E * r), expert e owning rows / columns e*r .. e*r + r - 1.
+    ``y_t = W0 x_t + scale * (sum_e g_e B_e) (sum_e g_e A_e) x_t`` with ``g = softmax(W_g x_t)``:
+    the gate mixes the experts' factors, not their outputs, so the cross terms ``g_e g_f B_e A_f``
+    are part of the update (as the reference MoELoRA computes it); two tokens of one sample can weigh
+    the experts differently. The E experts are stored stacked: ``A`` (E * r, d_in) and ``B``
+    (d_out, E * r), expert e owning rows / columns e*r .. e*r + r - 1.
 
     Args:
         base_layer: the target linear (frozen).
@@ -93,6 +95,7 @@ class MoELoRALinear(nn.Module):
         xa = x.to(self.A.dtype)
         g = self.gate_weights(xa)  # (..., E)
         self.last_gate = g.detach()
-        h = (xa @ self.A.T).unflatten(-1, (self.experts, self.rank))  # (..., E, r)
-        h = (h * g.unsqueeze(-1)).flatten(-2)  # (..., E * r)
-        return out + (self.scale * (h @ self.B.T)).to(out.dtype)
+        h = (xa @ self.A.T).unflatten(-1, (self.experts, self.rank))  # (..., E, r): A_e x
+        mixed_down = (h * g.unsqueeze(-1)).sum(-2)  # (..., r): (sum_e g_e A_e) x
+        up_in = (g.unsqueeze(-1) * mixed_down.unsqueeze(-2)).flatten(-2)  # (..., E * r): g_e times it
+        return out + (self.scale * (up_in @ self.B.T)).to(out.dtype)  # (sum_e g_e B_e) (...)

@@ -1,5 +1,10 @@
-"""MoELoRA (CoIN's baseline): E LoRA experts of rank r/E per target linear, mixed per token by a
-softmax gate, all trained on every task in turn (DESIGN §4).
+"""MoELoRA (CoIN's baseline): E LoRA experts per target linear, their factors mixed per token by a
+softmax gate, all trained on every task in turn.
+
+As the reference: one expert per task of the stream (``method.moelora.experts``, 8 for CoIN and the
+built-in benchmark), each of rank ``method.moelora.expert_rank`` (default ``method.lora_rank``: at
+7B 8 experts of rank 8, a total rank of 64), the gate mixing the factors (cross terms included,
+:class:`~cram_ray.methods.layers.MoELoRALinear`).
 
 Like LoRA-FT the adapters are shared by the whole stream and added once, with the first task; the
 gate decides per token, not per task, so there is no routing decision to score.
@@ -20,14 +25,14 @@ STATE_VERSION = 1
 
 
 class MoELoRA(ContinualMethod):
-    """E experts of rank max(1, r // E) and a per-layer token gate, everything trainable."""
+    """E experts of a fixed rank and a per-layer token gate, everything trainable."""
 
     name = "moelora"
 
     def __init__(self, cfg: StreamConfig) -> None:
         super().__init__(cfg)
-        self.experts = cfg.method.baselines.moelora_experts
-        self.expert_rank = max(1, cfg.method.lora_rank // self.experts)
+        self.experts = cfg.method.moelora.experts
+        self.expert_rank = cfg.method.moelora.expert_rank or cfg.method.lora_rank
         self.layers: dict[str, MoELoRALinear] = {}
         self.training = False
 

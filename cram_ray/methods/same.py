@@ -10,13 +10,13 @@ Training task t (only expert t and the router rows train):
 
 * routing: ``softmax`` of the averaged logits over experts 0..t, minus the experts the adaptive
   activation masks;
-* spectral-aware routing (from step ``same_start``, refreshed every ``same_every`` steps): a
-  randomized range finder (k = ``same_k``) on the centred router inputs of the step gives
-  directions V and singular values S; the directions up to ``same_energy`` of the variance are
+* spectral-aware routing (from step ``method.same.start``, refreshed every ``method.same.every`` steps): a
+  randomized range finder (k = ``method.same.k``) on the centred router inputs of the step gives
+  directions V and singular values S; the directions up to ``method.same.energy`` of the variance are
   kept; the router gradient's component along V is scaled per direction by
   ``clamp((1 / S_avg) / mean(1 / S_avg), 0.8, 1.2)`` with S_avg the mean over the last
-  ``same_windows`` refreshes; the rest of the gradient is unchanged (:func:`project_router_grad`);
-* curvature-aware scaling (tasks >= 1): with U_k, S_k the principal subspace (``same_energy``) of
+  ``method.same.windows`` refreshes; the rest of the gradient is unchanged (:func:`project_router_grad`);
+* curvature-aware scaling (tasks >= 1): with U_k, S_k the principal subspace (``method.same.energy``) of
   the covariance of the layer's inputs during the previous task, the new expert's A gradient is
   ``g <- U diag(1 / (S + mu)) U^T g + (1 / mu) (I - U U^T) g`` on the input dimension
   (:func:`curvature_transform`);
@@ -39,7 +39,7 @@ from torch import nn
 
 from cram_ray.config import StreamConfig
 from cram_ray.data.records import TaskInfo
-from cram_ray.experts.adapter import FFN_TARGETS, ExpertLinear, RoutingContext
+from cram_ray.experts.adapter import ExpertLinear, RoutingContext
 from cram_ray.methods.base import Batch, ContinualMethod, Phase
 from cram_ray.methods.common import (
     EXPERT_SCALE, TaskAnchors, TaskSlots, check_meta, freeze, task_from_json, task_to_json,
@@ -320,9 +320,9 @@ class Same(ContinualMethod):
 
     def __init__(self, cfg: StreamConfig) -> None:
         super().__init__(cfg)
-        self.hp = cfg.method.baselines
+        self.hp = cfg.method.same
         self.slots = TaskSlots(cfg.method.lora_rank, cfg.train.seed)
-        self.routing = SameRouting(top_k=self.hp.same_top_k)
+        self.routing = SameRouting(top_k=self.hp.top_k)
         self.layers: dict[str, SameLinear] = {}
         self.anchors = TaskAnchors()
         self.stats: dict[str, LayerStats] = {}
@@ -339,7 +339,7 @@ class Same(ContinualMethod):
             inner = ExpertLinear(linear, context=RoutingContext(), scale=EXPERT_SCALE, block=block)
             return SameLinear(inner, self.routing)
 
-        self.layers = replace_linears(model, FFN_TARGETS, build)
+        self.layers = replace_linears(model, self.hp.target_modules, build)
         self.slots.layers = {name: layer.inner for name, layer in self.layers.items()}
         self.stats = {name: LayerStats() for name in self.layers}
 
@@ -373,7 +373,7 @@ class Same(ContinualMethod):
         for name, st in self.stats.items():
             cov = st.covariance()
             if cov is not None:
-                U, S = principal_subspace(cov, self.hp.same_energy)
+                U, S = principal_subspace(cov, self.hp.energy)
                 self.curvature[name] = (U.to(torch.float32), S.to(torch.float32))
                 ranks[name] = U.shape[1]
         masked = {n: int(l.mask.sum()) for n, l in self.layers.items() if l.mask is not None}
@@ -407,8 +407,8 @@ class Same(ContinualMethod):
         r.training, r.n_experts, r.active = False, n, n > 0
         r.token_mask, _ = _token_masks(batch)
         if n:
-            sim = self.anchors.scores(batch, self.hp.same_prior_image_weight)
-            r.prior = torch.softmax(self.hp.same_prior_temperature * sim, dim=-1).to(torch.float32)
+            sim = self.anchors.scores(batch, self.hp.prior_image_weight)
+            r.prior = torch.softmax(self.hp.prior_temperature * sim, dim=-1).to(torch.float32)
 
     def before_optimizer_step(self, step: int) -> None:
         """Statistics, adaptive mask, spectral router projection and curvature scaling (see the module
@@ -418,7 +418,7 @@ class Same(ContinualMethod):
         if not self.training:
             return
         hp = self.hp
-        refresh = step >= hp.same_start and (step - hp.same_start) % hp.same_every == 0
+        refresh = step >= hp.start and (step - hp.start) % hp.every == 0
         mask = self.routing.token_mask  # (B, T) prompt-token averaging weights
         for name, layer in self.layers.items():
             st = self.stats[name]
@@ -428,16 +428,16 @@ class Same(ContinualMethod):
             pi = pi.detach().to(torch.float64)
             xsq = torch.einsum("bt,bt->b", mask.to(torch.float64), x.to(torch.float64).pow(2).sum(-1))  # (B,)
             util, imp = _mean_over_ranks(torch.stack([pi.mean(0), (pi * xsq[:, None]).mean(0)]))
-            st.update_ema(util, imp, hp.same_ema)
-            layer.mask = activation_mask(st.util, st.imp, hp.same_mask_threshold, self.task.index)
+            st.update_ema(util, imp, hp.ema)
+            layer.mask = activation_mask(st.util, st.imp, hp.mask_threshold, self.task.index)
             st.add_inputs(x[self._valid])
             if refresh:
                 tokens = x[mask > 0].to(torch.float64)  # (N, d) the router's inputs
-                V, S = _from_rank0(*randomized_range_finder(tokens - tokens.mean(0), hp.same_k, generator=self._gen))
-                r = energy_rank(S.pow(2), hp.same_energy)
-                st.windows = (st.windows + [S])[-hp.same_windows:]
-                st.V, st.factors = V[:, :r], spectral_factors(st.windows, r, hp.same_scale_min, hp.same_scale_max)
-            if st.V is not None and step >= hp.same_start:
+                V, S = _from_rank0(*randomized_range_finder(tokens - tokens.mean(0), hp.k, generator=self._gen))
+                r = energy_rank(S.pow(2), hp.energy)
+                st.windows = (st.windows + [S])[-hp.windows:]
+                st.V, st.factors = V[:, :r], spectral_factors(st.windows, r, hp.scale_min, hp.scale_max)
+            if st.V is not None and step >= hp.start:
                 rows = [layer.router[str(s)] for s in range(self.task.index + 1)]
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in rows]
                 new = project_router_grad(torch.stack(grads).to(torch.float64), st.V, st.factors)
@@ -447,7 +447,7 @@ class Same(ContinualMethod):
                 A = layer.inner.slot(self.task.index).A
                 if A.grad is not None:
                     U, S = self.curvature[name]
-                    A.grad = curvature_transform(A.grad.to(torch.float64), U, S, hp.same_mu).to(A.dtype)
+                    A.grad = curvature_transform(A.grad.to(torch.float64), U, S, hp.mu).to(A.dtype)
 
     # -- reporting ---------------------------------------------------------------------------
     def routed_task(self) -> Optional[torch.Tensor]:

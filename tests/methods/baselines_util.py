@@ -4,13 +4,14 @@ Task ``k`` of the synthetic stream: random prompt tokens, answer token ``40 + k`
 around ``IMG_CENTRES[k]`` and text features around ``TXT_CENTRES[k]``; the first sample of every
 batch is left-padded so attention masks matter.
 """
+import dataclasses
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cram_ray.config import BaselineConfig, StreamConfig
+from cram_ray.config import StreamConfig
 from cram_ray.data.records import TaskInfo
 from cram_ray.methods import make_method
 
@@ -29,11 +30,14 @@ def tiny_llama(seed=0):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def make_cfg(method, rank=4, **baselines):
+def make_cfg(method, rank=4, **settings):
+    """A config of ``method`` with its own settings (``method.<name>.<key>``) replaced."""
     cfg = StreamConfig()
     cfg.method.name = method
     cfg.method.lora_rank = rank
-    cfg.method.baselines = BaselineConfig(**baselines)
+    if settings:
+        own = getattr(cfg.method, method)
+        setattr(cfg.method, method, type(own)(**{**dataclasses.asdict(own), **settings}))
     return cfg
 
 

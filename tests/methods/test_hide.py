@@ -58,10 +58,20 @@ def test_inference_picks_the_argmax_anchor_for_the_last_block_only():
     expected = m.anchors.scores(batch, 0.5).argmax(-1)
     assert torch.equal(m.routed_task(), expected) and torch.equal(expected, truth)
     assert m.contexts[1].weights.tolist() == torch.nn.functional.one_hot(truth, 3).float().tolist()
-    assert m.contexts[0].weights.tolist() == [[1.0, 1.0, 1.0]] * 6
+    assert m.contexts[0].weights.tolist() == [[1.0, 1.0, 1.0]] * 6  # the toolbox's fusion: a sum
 
 
-def test_training_routes_the_last_block_to_the_new_expert_and_sums_below():
+def test_mean_fusion_merges_the_lower_blocks_uniformly():
+    model, m = fresh(make_cfg("hide", fusion="mean"))
+    g = torch.Generator().manual_seed(4)
+    for t in range(2):
+        run_task(model, m, t, g)
+    m.route(make_batch(0, g, size=3), training=False)
+    assert m.contexts[0].weights.tolist() == [[0.5] * 2] * 3
+    assert m.contexts[1].weights.sum(1).tolist() == [1.0] * 3
+
+
+def test_training_uses_the_new_expert_alone_in_every_block():
     model, m = fresh(make_cfg("hide"))
     g = torch.Generator().manual_seed(1)
     run_task(model, m, 0, g)
@@ -70,7 +80,7 @@ def test_training_routes_the_last_block_to_the_new_expert_and_sums_below():
     batch = make_batch(1, g)
     m.route(batch, training=True)
     assert m.contexts[1].weights.tolist() == [[0.0, 1.0]] * 4
-    assert m.contexts[0].weights.tolist() == [[1.0, 1.0]] * 4
+    assert m.contexts[0].weights.tolist() == [[0.0, 1.0]] * 4
     model(**model_inputs(batch)).loss.backward()
     assert not grads_only_on(model, {id(p) for p in m.slots.params(1)})
     with pytest.raises(ValueError, match="txt_feat"):

@@ -36,7 +36,7 @@ def test_penalty_equals_the_hand_computed_sum():
 
 
 def test_method_loss_is_lambda_times_the_sum_over_layers_and_old_slots():
-    cfg = make_cfg("olora", olora_lambda=0.25)
+    cfg = make_cfg("olora", lam=0.25)
     assert isinstance(make_method(cfg), OLoRA)
     model, m = fresh(cfg)
     g = torch.Generator().manual_seed(0)

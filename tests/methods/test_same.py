@@ -159,7 +159,7 @@ def test_the_router_averages_its_logits_over_the_prompt_tokens_only():
 
 
 def test_surgery_curvature_on_expert_A_and_spectral_projection_on_the_router():
-    cfg = make_cfg("same", same_start=0, same_every=1)
+    cfg = make_cfg("same", start=0, every=1)
     model, m = fresh(cfg)
     g = torch.Generator().manual_seed(2)
     run_task(model, m, 0, g)
@@ -187,7 +187,7 @@ def test_surgery_curvature_on_expert_A_and_spectral_projection_on_the_router():
 
 
 def test_no_curvature_scaling_on_the_first_task_and_before_the_spectral_start():
-    model, m = fresh(make_cfg("same"))  # same_start = 10
+    model, m = fresh(make_cfg("same"))  # start = 10
     g = torch.Generator().manual_seed(3)
     m.begin_task(TaskInfo(0, "t0", "exact"))
     m.begin_train()
@@ -217,7 +217,7 @@ def test_masked_experts_get_no_routing_weight():
 
 
 def test_old_experts_bit_identical_after_a_new_task():
-    model, m = fresh(make_cfg("same", same_start=1, same_every=2))
+    model, m = fresh(make_cfg("same", start=1, every=2))
     g = torch.Generator().manual_seed(5)
     run_task(model, m, 0, g)
     old = snapshot(m.slots.params(0))
@@ -249,7 +249,7 @@ def test_inference_prior_top2_and_routed_task():
 
 
 def test_state_round_trips_exactly_mid_task_and_after(tmp_path):
-    cfg = make_cfg("same", same_start=1, same_every=1)
+    cfg = make_cfg("same", start=1, every=1)
     model, m = fresh(cfg)
     g = torch.Generator().manual_seed(7)
     run_task(model, m, 0, g)
