@@ -35,7 +35,7 @@ class BuiltinBenchmarkConfig:
     train_per_task: int = 600  # training records per task
     test_per_task: int = 100  # test records per task
     image_size: int = 64  # square images, pixels
-    shared_instruction: bool = False  # one instruction for every task: level-1 grouping cannot split them
+    instructions: Literal["distinct", "coin", "shared"] = "distinct"  # how tasks' instructions overlap (see data/builtin.py)
     seed: int = 0  # generator seed: same seed -> same bytes
 
     def __post_init__(self) -> None:

@@ -50,12 +50,12 @@ def test_zero_shot_records_ask_mix_questions_the_base_can_answer():
         by_task.setdefault(task, []).append(r)
     # answers still mean the task's answer: the digit's numeral, the panel's position, no unanswerable
     classify = by_task["classify"]
-    names = [make_example("classify", "test", i, cfg.data.builtin.image_size, False, cfg.data.builtin.seed)[2]
+    names = [make_example("classify", "test", i, cfg.data.builtin.image_size, "distinct", cfg.data.builtin.seed)[2]
              for i in range(len(classify))]
     assert [r.answer for r in classify] == [str(["zero", "one", "two", "three", "four", "five", "six", "seven",
                                                   "eight", "nine"].index(n)) for n in names]
     assert {r.answer for r in by_task["choice"]} == {"top left", "top right", "bottom left", "bottom right"}
-    composed = [make_example("compose", "test", i, cfg.data.builtin.image_size, False, cfg.data.builtin.seed)[2]
+    composed = [make_example("compose", "test", i, cfg.data.builtin.image_size, "distinct", cfg.data.builtin.seed)[2]
                 for i in range(12)]
     assert [r.answer for r in by_task["compose"]] == [a.split()[0] for a in composed]  # the colour half
     assert len(by_task["unanswerable"]) == 6 and UNANSWERABLE not in {r.answer for r in by_task["unanswerable"]}

@@ -123,7 +123,7 @@ def stream_canvas_records(cfg, n: int) -> list[tuple[str, "Record"]]:
     out = []
     for task, convert in as_mix.items():
         for i in range(n):
-            img, question, answer = B.make_example(task, "test", i, cfg.data.builtin.image_size, False, cfg.data.builtin.seed)
+            img, question, answer = B.make_example(task, "test", i, cfg.data.builtin.image_size, "distinct", cfg.data.builtin.seed)
             pair = convert(question, answer)
             if pair is not None:
                 out.append((task, Record(f"{task}-{i}", task, png_bytes(img), pair[0], pair[1], "exact")))

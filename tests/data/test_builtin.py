@@ -13,7 +13,9 @@ from skimage.measure import label
 
 from cram_ray.config import BuiltinBenchmarkConfig, ConfigError
 from cram_ray.data import builtin
-from cram_ray.data.builtin import SHARED_INSTRUCTION, TASKS, generate_builtin, make_example, vocabulary_texts
+from cram_ray.data.builtin import (
+    COIN_VQA_INSTRUCTION, COIN_VQA_TASKS, SHARED_INSTRUCTION, TASKS, generate_builtin, make_example, vocabulary_texts,
+)
 from cram_ray.data.draw import COLOURS
 from cram_ray.data.manifest import load_benchmark
 from cram_ray.data.records import METRICS
@@ -93,14 +95,30 @@ def test_generated_benchmark_loads_with_configured_sizes_and_metrics(small):
 
 def test_image_size_is_configurable(tmp_path):
     for name in ALL:
-        img, _, _ = make_example(name, "train", 3, 32, False, 0)
+        img, _, _ = make_example(name, "train", 3, 32, "distinct", 0)
         assert img.size == (32, 32)
 
 
 def test_shared_instruction_is_one_string_across_tasks(tmp_path):
-    bench = load_benchmark(generate_builtin(BuiltinBenchmarkConfig(**SMALL, shared_instruction=True), tmp_path))
+    bench = load_benchmark(generate_builtin(BuiltinBenchmarkConfig(**SMALL, instructions="shared"), tmp_path))
     instructions = {r.instruction for t in bench.tasks for s in ("train", "test") for r in t.records(s)}
     assert instructions == {SHARED_INSTRUCTION}
+
+
+def test_coin_instructions_share_the_vqa_one_among_the_vqa_tasks():
+    per_task = {name: {make_example(name, "train", i, 32, "coin", 0)[1] for i in range(12)} for name in ALL}
+    distinct = {name: {make_example(name, "train", i, 32, "distinct", 0)[1] for i in range(12)} for name in ALL}
+    for name in ALL:
+        if name in COIN_VQA_TASKS:
+            assert per_task[name] == {COIN_VQA_INSTRUCTION}
+        else:  # choice, unanswerable and ground keep their own, as ScienceQA, VizWiz and grounding in CoIN
+            assert per_task[name] == distinct[name] and COIN_VQA_INSTRUCTION not in per_task[name]
+    assert len(COIN_VQA_TASKS & set(ALL)) >= 2  # an overlap level 1 cannot split
+
+
+def test_an_unknown_instruction_mode_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.builtin.instructions"):
+        make_example("ocr", "train", 0, 32, "mixed", 0)
 
 
 def test_distinct_instructions_per_task_without_sharing(small):
@@ -117,8 +135,8 @@ def test_vocabulary_covers_every_instruction_and_answer():
     assert SHARED_INSTRUCTION in vocab
     for name in ALL:
         for i in range(40):
-            for shared in (False, True):
-                _, q, a = make_example(name, "test", i, 64, shared, 5)
+            for mode in ("distinct", "coin", "shared"):
+                _, q, a = make_example(name, "test", i, 64, mode, 5)
                 assert q in vocab and a in vocab and " " + a in vocab
 
 
@@ -128,17 +146,17 @@ def test_answer_spaces_are_small_and_labels_balanced():
             assert len(spec.answers) <= 12, name
         else:  # boxes on the 0-7 grid; colour-shape pairs
             assert len(spec.answers) <= 25, name
-        answers = [make_example(name, "train", i, 64, False, 0)[2] for i in range(60)]
+        answers = [make_example(name, "train", i, 64, "distinct", 0)[2] for i in range(60)]
         if name not in ("ground", "unanswerable"):
             counts = np.unique(answers, return_counts=True)[1]
             assert counts.max() - counts.min() <= 6, (name, counts)
-    unans = [make_example("unanswerable", "train", i, 64, False, 0)[2] for i in range(100)]
+    unans = [make_example("unanswerable", "train", i, 64, "distinct", 0)[2] for i in range(100)]
     assert unans.count("unanswerable") == 50
 
 
 def test_mnist_train_and_test_images_never_coincide():
-    train = {make_example("classify", "train", i, 64, False, 0)[0].tobytes() for i in range(200)}
-    test = {make_example("classify", "test", i, 64, False, 0)[0].tobytes() for i in range(200)}
+    train = {make_example("classify", "train", i, 64, "distinct", 0)[0].tobytes() for i in range(200)}
+    test = {make_example("classify", "test", i, 64, "distinct", 0)[0].tobytes() for i in range(200)}
     assert not train & test
 
 
@@ -148,12 +166,12 @@ def test_tasks_can_be_told_apart_from_images_alone():
         x = np.asarray(img, dtype=np.float64) / 255.0
         return np.concatenate([x.mean((0, 1)), x.std((0, 1)), np.median(x.reshape(-1, 3), 0)])
 
-    train = {n: np.stack([features(make_example(n, "train", i, 64, False, 0)[0]) for i in range(30)]) for n in ALL}
+    train = {n: np.stack([features(make_example(n, "train", i, 64, "distinct", 0)[0]) for i in range(30)]) for n in ALL}
     centroids = np.stack([train[n].mean(0) for n in ALL])
     hits = total = 0
     for k, n in enumerate(ALL):
         for i in range(30):
-            f = features(make_example(n, "test", i, 64, False, 0)[0])
+            f = features(make_example(n, "test", i, 64, "distinct", 0)[0])
             hits += int(np.argmin(((centroids - f) ** 2).sum(1)) == k)
             total += 1
     assert hits / total >= 0.95
@@ -171,13 +189,13 @@ def _colour_name(rgb):
 
 @pytest.mark.parametrize("i", range(12))
 def test_count_answer_is_the_number_of_dots(i):
-    img, _, answer = make_example("count", "test", i, 64, False, 0)
+    img, _, answer = make_example("count", "test", i, 64, "distinct", 0)
     assert label(_mask(img, builtin.COUNT_FELT), connectivity=1).max() == int(answer)
 
 
 @pytest.mark.parametrize("i", range(12))
 def test_ground_answer_is_the_object_box(i):
-    img, q, answer = make_example("ground", "test", i, 64, False, 0)
+    img, q, answer = make_example("ground", "test", i, 64, "distinct", 0)
     x = np.asarray(img, dtype=np.int64)
     paper = np.array(builtin.GROUND_PAPER)
     lines = np.array(builtin.GROUND_LINES)
@@ -196,7 +214,7 @@ def test_ground_answer_is_the_object_box(i):
 
 @pytest.mark.parametrize("i", range(8))
 def test_choice_answer_is_the_panel_with_the_shape(i):
-    img, _, answer = make_example("choice", "test", i, 64, False, 0)
+    img, _, answer = make_example("choice", "test", i, 64, "distinct", 0)
     ink = _mask(img, builtin.CHOICE_PANEL) & _mask(img, builtin.CHOICE_BG)
     ys, xs = np.nonzero(ink)
     panel = int(ys.mean() >= 32) * 2 + int(xs.mean() >= 32)
@@ -205,7 +223,7 @@ def test_choice_answer_is_the_panel_with_the_shape(i):
 
 @pytest.mark.parametrize("i", range(10))
 def test_chart_answer_is_the_colour_of_the_tallest_bar(i):
-    img, _, answer = make_example("chart", "test", i, 64, False, 0)
+    img, _, answer = make_example("chart", "test", i, 64, "distinct", 0)
     x = np.asarray(img, dtype=np.int64)
     coloured = (x.max(-1) - x.min(-1)) > 60  # bars are saturated; paper and axes are grey
     rows = np.nonzero(coloured.any(1))[0]
@@ -219,7 +237,7 @@ def test_chart_answer_is_the_colour_of_the_tallest_bar(i):
 
 @pytest.mark.parametrize("i", range(10))
 def test_unanswerable_answers_the_circle_colour_or_unanswerable(i):
-    img, _, answer = make_example("unanswerable", "test", i, 64, False, 0)
+    img, _, answer = make_example("unanswerable", "test", i, 64, "distinct", 0)
     ink = _mask(img, builtin.UNANSWERABLE_BG)
     ys, xs = np.nonzero(ink)
     fill = ink.sum() / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
@@ -228,11 +246,11 @@ def test_unanswerable_answers_the_circle_colour_or_unanswerable(i):
     assert answer == (colour if is_circle else "unanswerable")
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_compose_answer_is_the_colour_and_shape_of_the_object(shared):
+@pytest.mark.parametrize("mode", ["distinct", "coin", "shared"])
+def test_compose_answer_is_the_colour_and_shape_of_the_object(mode):
     seen = set()
     for i in range(18):
-        img, _, answer = make_example("compose", "test", i, 64, shared, 0)
+        img, _, answer = make_example("compose", "test", i, 64, mode, 0)
         ink = _mask(img, builtin.COMPOSE_BG)
         assert label(ink, connectivity=1).max() == 1
         ys, xs = np.nonzero(ink)
@@ -245,8 +263,8 @@ def test_compose_answer_is_the_colour_and_shape_of_the_object(shared):
 
 
 def test_ocr_and_classify_answers_follow_their_label_cycle():
-    assert [make_example("ocr", "train", i, 64, False, 0)[2] for i in range(10)] == list(builtin.OCR_WORDS)
-    names = [make_example("classify", "test", i, 64, False, 0)[2] for i in range(10)]
+    assert [make_example("ocr", "train", i, 64, "distinct", 0)[2] for i in range(10)] == list(builtin.OCR_WORDS)
+    names = [make_example("classify", "test", i, 64, "distinct", 0)[2] for i in range(10)]
     assert names == ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 

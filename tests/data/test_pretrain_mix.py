@@ -50,8 +50,8 @@ def test_disjoint_from_the_stream_tasks():
     stream_pairs, stream_images = set(), set()
     for name in TASKS:
         for i in range(60):
-            for shared in (False, True):
-                img, q, a = make_example(name, "train", i, 64, shared, 0)
+            for mode in ("distinct", "coin", "shared"):
+                img, q, a = make_example(name, "train", i, 64, mode, 0)
                 stream_pairs.add((q, a))
             buf = io.BytesIO()
             img.save(buf, format="PNG")
