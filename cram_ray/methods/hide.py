@@ -40,7 +40,7 @@ class HiDe(ContinualMethod):
     def __init__(self, cfg: StreamConfig) -> None:
         super().__init__(cfg)
         self.image_weight = cfg.method.baselines.hide_image_weight
-        self.slots = TaskSlots(cfg.method.lora_rank, cfg.train.seed)
+        self.slots = TaskSlots(cfg.method.rank, cfg.train.seed)
         self.anchors = TaskAnchors()
         self.contexts: dict[int, RoutingContext] = {}  # block index -> its routing context
         self.last_block = -1

@@ -27,7 +27,7 @@ class MoELoRA(ContinualMethod):
     def __init__(self, cfg: StreamConfig) -> None:
         super().__init__(cfg)
         self.experts = cfg.method.baselines.moelora_experts
-        self.expert_rank = max(1, cfg.method.lora_rank // self.experts)
+        self.expert_rank = max(1, cfg.method.rank // self.experts)
         self.layers: dict[str, MoELoRALinear] = {}
         self.training = False
 

@@ -48,7 +48,7 @@ def previous_state_rel(ctx: StageContext, task: int, stage: str) -> Optional[str
 def restore(ctx: StageContext, task: int, stage: str, rt: Runtime, scratch: Path) -> tuple[torch.nn.Module, ContinualMethod]:
     """A fresh copy of the base with the method attached and the previous state loaded."""
     seed_everything(ctx.cfg.train.seed, task, stage, "attach")
-    model = rt.fresh_model()
+    model = rt.fresh_model(ctx.cfg.train)
     method = make_method(ctx.cfg)
     method.attach(model)
     rel = previous_state_rel(ctx, task, stage)
