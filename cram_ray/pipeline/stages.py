@@ -105,6 +105,7 @@ def local_fit(ctx: StageContext, task: int, stage: str) -> Fit:
         return fit_steps(
             model, method, batches, steps, lr=ctx.cfg.train.lr, warmup_ratio=ctx.cfg.train.warmup_ratio,
             weight_decay=ctx.cfg.train.weight_decay, observe=observe, log=_log(ctx, task, stage),
+            grad_accum=ctx.cfg.train.grad_accum,
         )
     return fit
 
