@@ -49,8 +49,9 @@ def test_environment_problems_name_what_is_missing(tmp_path):
     assert not any(p.startswith("storage:") for p in problems)
     gpu = [p for p in environment_problems(cfg.replace(**{"train.executor": "local"})) if p.startswith("train.use_gpu")]
     assert bool(gpu) == (not torch.cuda.is_available())
-    unwritable = cfg.replace(storage="/proc/cram-ray-runs")  # /proc takes no new directories, even as root
-    assert any(p.startswith("storage:") for p in environment_problems(unwritable))
+    (tmp_path / "a-file").write_text("")
+    under_a_file = cfg.replace(storage=str(tmp_path / "a-file" / "runs"))  # no directory can be made there, even as root
+    assert any(p.startswith("storage:") for p in environment_problems(under_a_file))
 
 
 def _stream(*args):
