@@ -252,7 +252,7 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
-    gpu: Union[float, str] = ""  # the GPU the plan sizes for: a name (a100-80gb, h100-80gb, a10g-24gb, l4-24gb, ...) or its GB; "" = none
+    gpu: Union[float, str, None] = None  # the GPU the plan sizes for: a name (a100-80gb, h100-80gb, a10g-24gb, l4-24gb, ...) or its GiB; null = none
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0-3); -1 = plain torch DDP without DeepSpeed
     checkpoint_every: int = 50  # steps between Train checkpoints
     max_failures: int = 2  # Ray Train FailureConfig(max_failures)

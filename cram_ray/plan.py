@@ -292,7 +292,7 @@ def estimate_memory(cfg: StreamConfig, *, arch: Optional[Arch] = None, attention
 
 
 # -- the GPU -----------------------------------------------------------------------------------
-def gpu_spec(gpu: float | str) -> Optional[tuple[str, float, Optional[float]]]:
+def gpu_spec(gpu: float | str | None) -> Optional[tuple[str, float, Optional[float]]]:
     """``train.gpu`` -> (label, GiB, dense bf16 TFLOP/s or None); None when unset."""
     if gpu == "" or gpu is None:
         return None

@@ -525,8 +525,11 @@ def random_llava(cfg: ModelConfig, corpus_texts: Sequence[str], seed: int) -> tu
     For system checks at real widths on a machine without the checkpoint. Every process building it
     from the same config and seed gets the same weights (data-parallel ranks must agree).
     """
-    from transformers import CLIPImageProcessor
+    import transformers
     from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    # the PIL implementation where transformers has one (its default needs torchvision)
+    image_processor_cls = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
 
     tok = CompactTokenizer.build(corpus_texts)
     config = llava_config(cfg, tok, max(cfg.vocab_size, tok.vocab_size), llava15=True)
@@ -534,7 +537,7 @@ def random_llava(cfg: ModelConfig, corpus_texts: Sequence[str], seed: int) -> tu
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
     size = cfg.image_size
-    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+    image_processor = image_processor_cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                          image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
     return model.to(DTYPES[cfg.dtype]), tok, image_processor
 
@@ -628,7 +631,10 @@ def strip_adapters(model: torch.nn.Module) -> torch.nn.Module:
 def set_gradient_checkpointing(model: LlavaForConditionalGeneration, enabled: bool) -> None:
     """Turn transformers' activation checkpointing on (non-reentrant: the frozen base's inputs need
     no gradient for the adapters inside a layer to get theirs) or off."""
-    if enabled:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if enabled:  # activation_checkpointing_enable is the name transformers 5 gives gradient_checkpointing_enable
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif model.is_gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()

@@ -41,6 +41,14 @@ def test_fresh_model_removes_the_previous_stage_adapters_in_place(vlm, method):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_routing_reads_the_trained_model_own_vision_tower(vlm):
+    from cram_ray.models.features import ImageRoutingEncoder
+
+    cfg = load_config(None, TINY)
+    model = Runtime(vlm, None, None).fresh_model(cfg.train)
+    assert ImageRoutingEncoder(vlm).tower is model.model.vision_tower  # moved with the model, never a CPU copy
+
+
 def test_zero3_stages_get_a_private_copy(vlm):
     cfg = load_config(None, TINY + ["train.executor=ray", "train.zero_stage=3"])
     assert Runtime(vlm, None, None).fresh_model(cfg.train) is not vlm.model

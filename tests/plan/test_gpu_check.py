@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "workflows"))
 
-TINY = ["model.dtype=float32", "train.use_gpu=false", "train.gpu=", "model.image_size=28", "model.patch_size=14",
+TINY = ["model.dtype=float32", "train.use_gpu=false", "train.gpu=null", "model.image_size=28", "model.patch_size=14",
         "model.vision_hidden=32", "model.vision_layers=1", "model.vision_heads=2", "model.text_hidden=64",
         "model.text_heads=4", "model.text_intermediate=128", "model.vocab_size=0", "model.max_positions=512",
         "data.max_text_len=48", "data.max_answer_len=6", "data.builtin.test_per_task=16",
