@@ -69,3 +69,18 @@ def test_dry_run_of_the_7b_preset_fits_and_a_bad_batch_fails_at_load(tmp_path):
     assert bad.stderr.strip().count("\n") == 0 and "train.batch_size" in bad.stderr and "Traceback" not in bad.stderr
     small = _stream("--config", PRESET_7B, "--dry-run", "--set", f"storage={tmp_path}", "--set", "train.gpu=l4-24gb")
     assert small.returncode == 2 and "DOES NOT FIT" in small.stdout and small.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("script, extra", [("compare.py", ["--methods", "cram,lora_ft", "--seeds", "0,1"]),
+                                           ("tune.py", [])])
+def test_compare_and_tune_dry_runs(tmp_path, script, extra):
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "workflows" / script), "--config", PRESET_7B, "--dry-run",
+                               "--out", str(tmp_path), "--set", f"storage={tmp_path}", *extra, *args],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT,
+                              env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    ok = run()
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count("per-GPU peak") == (2 if script == "compare.py" else 1)
+    assert run("--set", "train.gpu=t4-16gb").returncode == 2
+    assert not list(tmp_path.iterdir())  # nothing ran
