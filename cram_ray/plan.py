@@ -409,10 +409,11 @@ def make_plan(cfg: StreamConfig, *, runs: int = 1) -> Plan:
                  f"(text {p['text'] / 1e9:.3f} B, vision {p['vision'] / 1e6:.1f} M, projector {p['projector'] / 1e6:.1f} M; "
                  f"sizes from {a.source}), {m.dtype}; sequence {est.seq} tokens ({a.image_tokens} image)")
     lines.append(f"adapters: {p['adapter_trainable'] / 1e6:.2f} M trainable, {p['adapter_stored'] / 1e6:.2f} M stored "
-                 f"at the last task ({len(cfg.method.target_modules)} target(s): {', '.join(cfg.method.target_modules)})")
+                 f"at the last task{'' if names is not None else ' (task count unknown: 1 assumed)'} "
+                 f"({len(cfg.method.target_modules)} target(s): {', '.join(cfg.method.target_modules)})")
     tm = est.terms
     act_on = "activations_checkpointed" if t.gradient_checkpointing else "activations"
-    lines.append("memory per GPU (estimate, docs/sizing.md):")
+    lines.append(f"memory per {'GPU' if t.use_gpu else 'worker process'} (estimate, docs/sizing.md):")
     rows = [("runtime overhead", tm["overhead"]), (f"weights ({m.dtype})", tm["weights"]),
             ("stored adapters", tm["stored_adapters"]), ("adapter params", tm["adapter_params"]),
             ("adapter grads", tm["adapter_grads"]), ("optimizer state", tm["optimizer_state"]),
