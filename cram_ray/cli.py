@@ -7,28 +7,32 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from cram_ray.config import ConfigError, StreamConfig, load_config
+from cram_ray.config import ConfigError, StreamConfig, environment_problems, load_config
 from cram_ray.data.records import DataError
 
 
 def add_config_flags(parser: argparse.ArgumentParser, *, out: str, out_help: str,
                      executor_help: str = "overrides train.executor") -> argparse.ArgumentParser:
     """The flags :func:`resolve_config` reads, as every workflow script spells them: --config,
-    --benchmark, --out, --executor and the repeatable --set."""
+    --benchmark, --out, --executor, the repeatable --set, and --dry-run (see :func:`dry_run`)."""
     parser.add_argument("--config", help="YAML preset (default: built-in defaults)")
     parser.add_argument("--benchmark", help="benchmark manifest YAML (default: the built-in benchmark)")
     parser.add_argument("--out", default=out, help=out_help)
     parser.add_argument("--executor", choices=["local", "ray"], help=executor_help)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted config override, e.g. --set train.lr=1e-4 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="resolve the config and print the plan (tasks, stages, workers, ZeRO, batch, "
+                             "per-GPU memory estimate); exit 0 if it fits, 2 if not; nothing runs")
     return parser
 
 
 def resolve_config(args: argparse.Namespace) -> StreamConfig:
     """--config + --set, then the shorthand flags (--benchmark, --method, --executor), then storage."""
     overrides = list(getattr(args, "overrides", []) or [])
+    dry = getattr(args, "dry_run", False)
     if getattr(args, "benchmark", None):
-        if not Path(args.benchmark).is_file():
+        if not dry and not Path(args.benchmark).is_file():
             raise ConfigError(f"--benchmark {args.benchmark}: manifest file not found")
         overrides.append(f"data.benchmark={Path(args.benchmark).resolve()}")
     if getattr(args, "method", None):
@@ -41,7 +45,26 @@ def resolve_config(args: argparse.Namespace) -> StreamConfig:
     from cram_ray.methods import make_method  # validate the method name before any work
 
     make_method(cfg)
+    if not dry:  # a dry run lists these as warnings instead
+        problems = environment_problems(cfg)
+        if problems:
+            raise ConfigError(problems[0])
+        from cram_ray.models.vlm import check_target_modules
+
+        check_target_modules(cfg)
     return cfg
+
+
+def dry_run(cfg: StreamConfig, *, runs: int = 1) -> int:
+    """Print the plan of ``runs`` streams of ``cfg`` (see cram_ray/plan.py); 0 if it fits, 2 if not."""
+    from cram_ray.plan import make_plan
+
+    plan = make_plan(cfg, runs=runs)
+    print(plan.render(), flush=True)
+    if plan.error:
+        print(f"error: {plan.error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def fail_cleanly(main: Callable[..., int]) -> Callable[..., int]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,27 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message is one actionable line."""
+
+
+def _at_least(section: str, obj: Any, minimum: float, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value < minimum:
+            raise ConfigError(f"{section}.{key}: expected >= {minimum:g}, got {value}")
+
+
+def _positive_rate(section: str, obj: Any, *keys: str) -> None:
+    """Learning rates: finite and > 0 (nan and inf pass every comparison-free check downstream)."""
+    for key in keys:
+        value = getattr(obj, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{section}.{key}: expected a finite number > 0, got {value}")
+
+
+def _divides(section: str, obj: Any, hidden: str, heads: str) -> None:
+    if getattr(obj, hidden) % getattr(obj, heads):
+        raise ConfigError(f"{section}.{hidden}: expected a multiple of {section}.{heads}={getattr(obj, heads)}, "
+                          f"got {getattr(obj, hidden)}")
 
 
 @dataclass
@@ -55,6 +78,11 @@ class DataConfig:
     max_text_len: int = 64  # text tokens per sample (instruction + answer), image tokens excluded
     max_answer_len: int = 12  # generation budget in tokens at evaluation
 
+    def __post_init__(self) -> None:
+        _at_least("data", self, 1, "max_text_len", "max_answer_len")
+        if not self.builtin.tasks:
+            raise ConfigError("data.builtin.tasks: expected at least one task name")
+
 
 @dataclass
 class BaseTrainConfig:
@@ -70,13 +98,19 @@ class BaseTrainConfig:
     text_samples: int = 2000  # text-only "Repeat after me" records added to the VLM stage: every vocabulary token is written at least once
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _at_least("model.base", self, 0, "steps", "vision_steps", "text_samples")
+        _at_least("model.base", self, 1, "batch_size", "samples", "vision_samples")
+        _positive_rate("model.base", self, "lr", "vision_lr")
+
 
 @dataclass
 class ModelConfig:
     """The vision-language model."""
 
     kind: Literal["tiny", "hf_llava"] = "tiny"  # tiny = built from config; hf_llava = local checkpoint dir
-    path: Optional[str] = None  # local HF Llava checkpoint directory (kind=hf_llava)
+    path: Optional[str] = None  # local HF Llava checkpoint directory (kind=hf_llava, init=pretrained)
+    init: Literal["pretrained", "random"] = "pretrained"  # hf_llava: random = a Llava-1.5-style model built from the sizes below (no checkpoint; system checks)
     vision_tower: Literal["clip", "siglip"] = "clip"
     image_size: int = 64  # must match data.builtin.image_size for the tiny model
     patch_size: int = 16  # (image_size / patch_size)^2 image tokens
@@ -89,20 +123,24 @@ class ModelConfig:
     text_heads: int = 4
     text_intermediate: int = 512
     max_positions: int = 256
+    vocab_size: int = 0  # hf_llava init=random: embedding rows (0 = the tokenizer's vocabulary)
     dtype: Literal["float32", "bfloat16"] = "float32"
     base: BaseTrainConfig = field(default_factory=BaseTrainConfig)
     text_encoder: str = "minilm"  # routing text encoder: "minilm" (packaged) or a local path
     routing_image_layers: Literal["last", "all"] = "all"  # vision layers pooled into routing features
 
     def __post_init__(self) -> None:
-        if self.kind == "hf_llava" and not self.path:
+        if self.kind == "hf_llava" and self.init == "pretrained" and not self.path:
             raise ConfigError("model.path: expected a local Llava checkpoint directory when model.kind=hf_llava")
+        _at_least("model", self, 1, "image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads",
+                  "text_hidden", "text_layers", "text_heads", "text_intermediate", "max_positions")
+        _at_least("model", self, 0, "vocab_size")
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"model.image_size: expected a multiple of model.patch_size={self.patch_size}, got {self.image_size}"
             )
-        if self.text_hidden % self.text_heads or self.vision_hidden % self.vision_heads:
-            raise ConfigError("model.text_hidden / vision_hidden: expected a multiple of the head count")
+        _divides("model", self, "text_hidden", "text_heads")
+        _divides("model", self, "vision_hidden", "vision_heads")
 
 
 @dataclass
@@ -142,7 +180,7 @@ class MoELoRAConfig:
     """MoELoRA (CoIN's baseline): E LoRA experts mixed per token, everything trainable."""
 
     experts: int = 8  # E; the reference uses one expert per task of the stream (8 on CoIN and built-in)
-    expert_rank: int = 0  # rank of each expert; 0 = method.lora_rank (reference at 7B: 8 x rank 8 = 64)
+    expert_rank: int = 0  # rank of each expert; 0 = the method's rank (method.rank; at 7B: 8 x rank 8 = 64)
 
     def __post_init__(self) -> None:
         if self.experts < 1 or self.expert_rank < 0:
@@ -213,11 +251,25 @@ class MethodConfig:
     name: str = "cram"  # cram | lora_ft | oracle | olora | moelora | hide | same
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     lora_rank: int = 8  # rank of a LoRA / one expert slot of the fixed-rank methods
+    lora_ranks: dict[str, int] = field(default_factory=dict)  # method name -> its lora_rank, where it differs (7B reference ranks)
     cram: CramConfig = field(default_factory=CramConfig)
     moelora: MoELoRAConfig = field(default_factory=MoELoRAConfig)
     olora: OLoRAConfig = field(default_factory=OLoRAConfig)
     hide: HiDeConfig = field(default_factory=HiDeConfig)
     same: SameConfig = field(default_factory=SameConfig)
+
+    def __post_init__(self) -> None:
+        _at_least("method", self, 1, "lora_rank")
+        for name, rank in self.lora_ranks.items():
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+                raise ConfigError(f"method.lora_ranks.{name}: expected an integer >= 1, got {rank!r}")
+        if not self.target_modules or not all(self.target_modules):
+            raise ConfigError(f"method.target_modules: expected a non-empty list of linear names, got {self.target_modules}")
+
+    @property
+    def rank(self) -> int:
+        """The LoRA / expert-slot rank of the method this config runs."""
+        return self.lora_ranks.get(self.name, self.lora_rank)
 
 
 @dataclass
@@ -225,7 +277,9 @@ class TrainConfig:
     """Optimisation and execution of every training stage."""
 
     steps_per_task: int = 200  # optimizer steps per task (probe steps included)
-    batch_size: int = 16
+    batch_size: int = 16  # global batch of one optimizer step = num_workers x grad_accum x micro-batch
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step on each worker
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass
     lr: float = 2e-3
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -235,6 +289,7 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    gpu: Union[float, str, None] = None  # the GPU the plan sizes for: a name (a100-80gb, h100-80gb, a10g-24gb, l4-24gb, ...) or its GiB; null = none
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0-3); -1 = plain torch DDP without DeepSpeed
     checkpoint_every: int = 50  # steps between Train checkpoints
     max_failures: int = 2  # Ray Train FailureConfig(max_failures)
@@ -244,8 +299,27 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.zero_stage not in (-1, 0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage: expected -1 or 0-3, got {self.zero_stage}")
-        if self.steps_per_task < 1 or self.batch_size < 1:
-            raise ConfigError("train.steps_per_task / batch_size: expected >= 1")
+        _at_least("train", self, 1, "steps_per_task", "batch_size", "grad_accum", "eval_batch_size",
+                  "num_workers", "checkpoint_every")
+        _at_least("train", self, 0, "cpus_per_worker", "stage_retries", "weight_decay")
+        _at_least("train", self, -1, "max_failures")
+        _positive_rate("train", self, "lr")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ConfigError(f"train.warmup_ratio: expected in [0, 1], got {self.warmup_ratio}")
+        split = self.num_workers * self.grad_accum
+        if self.batch_size % split:
+            raise ConfigError(
+                f"train.batch_size: expected a multiple of train.num_workers x train.grad_accum = "
+                f"{self.num_workers} x {self.grad_accum} = {split} (each worker takes equal micro-batches), "
+                f"got {self.batch_size}"
+            )
+        if isinstance(self.gpu, float) and not (math.isfinite(self.gpu) and self.gpu > 0):
+            raise ConfigError(f"train.gpu: expected a GPU name or its memory in GB > 0, got {self.gpu}")
+
+    @property
+    def micro_batch(self) -> int:
+        """Samples one worker forwards at once."""
+        return self.batch_size // (self.num_workers * self.grad_accum)
 
 
 @dataclass
@@ -480,6 +554,51 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     for key, value in parse_overrides(overrides or []).items():
         _set_dotted(base, key, value)
     return from_dict(base)
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def embedded_driver(train: TrainConfig) -> bool:
+    """Whether this process's own devices are the run's devices: the in-process executor, or a Ray
+    run with no address to attach to and no ``ray start`` cluster on this machine (an embedded one)."""
+    if train.executor == "local":
+        return True
+    if train.ray_address or os.environ.get("RAY_ADDRESS"):
+        return False
+    return not Path(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster").exists()
+
+
+def environment_problems(cfg: StreamConfig) -> list[str]:
+    """What the config names outside itself that is missing here, one line each (empty = all found).
+
+    The config's own constraints are checked when it is built; these depend on the machine it is
+    loaded on: files it names, a writable storage root, GPUs. A real run fails on the first one; a
+    dry run lists them as warnings. A remote storage URI is only probed by the plan (a network call).
+    """
+    problems = []
+    if cfg.model.kind == "hf_llava" and cfg.model.init == "pretrained":
+        if not Path(str(cfg.model.path), "config.json").is_file():
+            problems.append(f"model.path: expected a local Llava checkpoint directory with config.json, "
+                            f"{cfg.model.path} has none")
+    if cfg.data.benchmark is not None and not Path(cfg.data.benchmark).is_file():
+        problems.append(f"data.benchmark: manifest file {cfg.data.benchmark} not found")
+    if cfg.storage and not is_uri(cfg.storage):
+        root = Path(cfg.storage.removeprefix("file://")).expanduser()
+        existing = next(p for p in (root, *root.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            problems.append(f"storage: expected a writable directory (or one that can be created), "
+                            f"{existing} is not writable")
+    if cfg.train.use_gpu and embedded_driver(cfg.train):
+        import torch
+
+        have = torch.cuda.device_count()
+        need = 1 if cfg.train.executor == "local" else cfg.train.num_workers
+        if have < need:
+            problems.append(f"train.use_gpu: expected {need} GPU(s) on this machine (the run has no cluster to "
+                            f"attach to), found {have}; set train.use_gpu=false or attach to a GPU cluster")
+    return problems
 
 
 def dump_config(cfg: StreamConfig, path: str | Path) -> None:

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from cram_ray.cli import fail_cleanly  # noqa: E402
 from cram_ray.methods.cram.rank import allocate  # noqa: E402
 
 
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@fail_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.func(args)

@@ -3,7 +3,7 @@
     python workflows/compare.py --methods cram,same,olora,moelora,hide,lora_ft,oracle [--seeds 0,1,2]
     python workflows/compare.py --methods cram,cram@router=rbf   # a variant: a method with settings changed
                                 [--config YAML] [--benchmark MANIFEST] [--out DIR]
-                                [--executor local|ray] [--set key=value ...]
+                                [--executor local|ray] [--set key=value ...] [--dry-run]
 
 Every (method, seed) stream runs, or resumes through its ledger, in ``DIR/<method>/seed_<s>/``
 with the same config (``--set train.seed=<s>`` and the method name are the only differences, so
@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cram_ray.cli import add_config_flags, fail_cleanly, resolve_config  # noqa: E402
+from cram_ray.cli import add_config_flags, dry_run, fail_cleanly, resolve_config  # noqa: E402
 from cram_ray.config import ConfigError, StreamConfig, config_hash  # noqa: E402
 
 DEFAULT_METHODS = "cram,same,olora,moelora,hide,lora_ft,oracle"
@@ -273,6 +273,9 @@ def report(summaries: list[dict[str, Any]], methods: list[str], seeds: list[int]
 @fail_cleanly
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.dry_run:  # one plan per method (their adapters differ); seeds repeat it
+        seeds = parse_seeds(args.seeds)
+        return max(dry_run(run_config(args, m, seeds[0], []), runs=len(seeds)) for m in parse_methods(args.methods))
     command = "python workflows/compare.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     compare(args, command)
     return 0

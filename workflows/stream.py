@@ -2,6 +2,7 @@
 
     python workflows/stream.py [--config YAML] [--benchmark MANIFEST] [--method NAME]
                                [--out DIR] [--run-id ID] [--executor local|ray] [--set key=value ...]
+                               [--dry-run]
 
 Works with no cluster (embedded local Ray, or ``--executor local`` for one process) and under
 ``ray job submit --working-dir . -- python workflows/stream.py ...``. Rerunning with the same
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cram_ray.cli import add_config_flags, fail_cleanly, resolve_config  # noqa: E402
+from cram_ray.cli import add_config_flags, dry_run, fail_cleanly, resolve_config  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
+    if args.dry_run:
+        return dry_run(cfg)
     from cram_ray.pipeline.run import run_and_report
 
     summary = run_and_report(cfg, out=Path(args.out), run_id=args.run_id)

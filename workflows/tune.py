@@ -1,7 +1,7 @@
 """Run (or resume) a Ray Tune study of stream hyperparameters; each trial is a whole stream.
 
     python workflows/tune.py [--config YAML] [--benchmark MANIFEST] [--num-samples N] [--out DIR]
-                             [--executor local|ray] [--set key=value ...]
+                             [--executor local|ray] [--set key=value ...] [--dry-run]
 
 Writes ``DIR/results.csv``, ``DIR/results.md``, ``DIR/pareto.png`` (objective vs parameters added,
 Pareto front marked) and ``DIR/best.yaml`` (a preset ``workflows/stream.py --config`` accepts as
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cram_ray.cli import add_config_flags, fail_cleanly, resolve_config  # noqa: E402
+from cram_ray.cli import add_config_flags, dry_run, fail_cleanly, resolve_config  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     # the study owns --out; each trial's stream gets its own storage under it
     cfg = resolve_config(argparse.Namespace(**{**vars(args), "out": None}))
+    if args.dry_run:  # the base config's plan; trials vary it within tune.search_space
+        return dry_run(cfg, runs=cfg.tune.num_samples)
     from cram_ray.tune.study import STATUS_COMPLETE, Study
 
     command = "python workflows/tune.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

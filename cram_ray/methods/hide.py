@@ -41,7 +41,7 @@ class HiDe(ContinualMethod):
         super().__init__(cfg)
         self.image_weight = cfg.method.hide.image_weight
         self.fusion = cfg.method.hide.fusion
-        self.slots = TaskSlots(cfg.method.lora_rank, cfg.train.seed)
+        self.slots = TaskSlots(cfg.method.rank, cfg.train.seed)
         self.anchors = TaskAnchors()
         self.contexts: dict[int, RoutingContext] = {}  # block index -> its routing context
         self.last_block = -1

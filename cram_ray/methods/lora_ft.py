@@ -25,7 +25,7 @@ class LoraFT(ContinualMethod):
 
     def __init__(self, cfg: StreamConfig) -> None:
         super().__init__(cfg)
-        self.rank = cfg.method.lora_rank
+        self.rank = cfg.method.rank
         self._params: dict[str, nn.Parameter] = {}
         self._tasks_seen = 0
 

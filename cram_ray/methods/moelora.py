@@ -2,7 +2,7 @@
 softmax gate, all trained on every task in turn.
 
 As the reference: one expert per task of the stream (``method.moelora.experts``, 8 for CoIN and the
-built-in benchmark), each of rank ``method.moelora.expert_rank`` (default ``method.lora_rank``: at
+built-in benchmark), each of rank ``method.moelora.expert_rank`` (default the method's rank ``method.rank``: at
 7B 8 experts of rank 8, a total rank of 64), the gate mixing the factors (cross terms included,
 :class:`~cram_ray.methods.layers.MoELoRALinear`).
 
@@ -32,7 +32,7 @@ class MoELoRA(ContinualMethod):
     def __init__(self, cfg: StreamConfig) -> None:
         super().__init__(cfg)
         self.experts = cfg.method.moelora.experts
-        self.expert_rank = cfg.method.moelora.expert_rank or cfg.method.lora_rank
+        self.expert_rank = cfg.method.moelora.expert_rank or cfg.method.rank
         self.layers: dict[str, MoELoRALinear] = {}
         self.training = False
 

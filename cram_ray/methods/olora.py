@@ -40,7 +40,7 @@ class OLoRA(ContinualMethod):
     def __init__(self, cfg: StreamConfig) -> None:
         super().__init__(cfg)
         self.lam = cfg.method.olora.lam
-        self.slots = TaskSlots(cfg.method.lora_rank, cfg.train.seed)
+        self.slots = TaskSlots(cfg.method.rank, cfg.train.seed)
         self.context = RoutingContext()
         self.training = False
 

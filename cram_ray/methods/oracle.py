@@ -26,7 +26,7 @@ class Oracle(ContinualMethod):
 
     def __init__(self, cfg: StreamConfig) -> None:
         super().__init__(cfg)
-        self.slots = TaskSlots(cfg.method.lora_rank, cfg.train.seed)
+        self.slots = TaskSlots(cfg.method.rank, cfg.train.seed)
         self.context = RoutingContext()
         self.training = False  # begin_train ran in this process
         self._routed: Optional[torch.Tensor] = None

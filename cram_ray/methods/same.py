@@ -321,7 +321,7 @@ class Same(ContinualMethod):
     def __init__(self, cfg: StreamConfig) -> None:
         super().__init__(cfg)
         self.hp = cfg.method.same
-        self.slots = TaskSlots(cfg.method.lora_rank, cfg.train.seed)
+        self.slots = TaskSlots(cfg.method.rank, cfg.train.seed)
         self.routing = SameRouting(top_k=self.hp.top_k)
         self.layers: dict[str, SameLinear] = {}
         self.anchors = TaskAnchors()

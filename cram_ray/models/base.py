@@ -312,6 +312,6 @@ def build_vlm(cfg: StreamConfig, corpus_texts: Sequence[str]) -> VLM:
     """The frozen base VLM of a stream: the cached tiny base (kind=tiny) or a local Llava checkpoint."""
     if cfg.model.kind == "tiny":
         return get_base_vlm(cfg, corpus_texts)
-    vlm = load_hf_llava(str(cfg.model.path), cfg)
+    vlm = load_hf_llava(cfg.model.path, cfg, corpus_texts)
     freeze(vlm.model)
     return vlm

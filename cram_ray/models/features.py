@@ -50,7 +50,9 @@ class ImageRoutingEncoder:
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixels -> (B, D) float32 features."""
+        """(B, 3, H, W) pixels -> (B, D) float32 features, on the CPU (they join the batch's other
+        per-sample values). The tower runs where the model is: stages train the process's base
+        itself (``Runtime.fresh_model``), so on a GPU worker this is the GPU."""
         param = next(self.tower.parameters())
         out = self.tower(pixel_values.to(param.device, param.dtype), output_hidden_states=True, return_dict=True)
         states = out.hidden_states if self.layers == "all" else out.hidden_states[-1:]

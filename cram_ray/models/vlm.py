@@ -58,10 +58,12 @@ def num_patches(cfg: ModelConfig) -> int:
     return (cfg.image_size // cfg.patch_size) ** 2
 
 
-def build_tiny_llava(cfg: ModelConfig, tok: CompactTokenizer) -> LlavaForConditionalGeneration:
-    """A randomly initialised small Llava built from ``cfg`` only (a few million parameters).
+def llava_config(cfg: ModelConfig, text: TextCodec, vocab_size: int, *, llava15: bool = False) -> LlavaConfig:
+    """The Llava architecture ``cfg``'s sizes describe, with ``text``'s special ids.
 
-    The projector is Llava's own two-layer GELU MLP from the last vision layer's patch tokens.
+    ``llava15``: LLaVA-1.5's conventions (CLIP ViT's quick-GELU, features read from the
+    second-to-last vision layer, Llama-2's 4096 positions and RMSNorm epsilon); otherwise the tiny
+    model's (last vision layer: trained from scratch, it is the one to read).
     """
     vision_kwargs = dict(
         hidden_size=cfg.vision_hidden,
@@ -72,42 +74,53 @@ def build_tiny_llava(cfg: ModelConfig, tok: CompactTokenizer) -> LlavaForConditi
         patch_size=cfg.patch_size,
         num_channels=3,
     )
+    if llava15:
+        vision_kwargs["hidden_act"] = "quick_gelu"
     if cfg.vision_tower == "clip":
         vision = CLIPVisionConfig(**vision_kwargs)
         strategy = "default"  # drop CLS: one image token per patch
     else:
         vision = SiglipVisionConfig(**vision_kwargs, vision_use_head=False)
         strategy = "full"  # SigLIP has no CLS token
-    seq_needed = 1 + num_patches(cfg)
-    if seq_needed >= cfg.max_positions:
-        raise ValueError(
-            f"model.max_positions: expected more than 1 + {num_patches(cfg)} image tokens + text, got {cfg.max_positions}"
-        )
-    text = LlamaConfig(
-        vocab_size=tok.vocab_size,
+    language = LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=cfg.text_hidden,
         intermediate_size=cfg.text_intermediate,
         num_hidden_layers=cfg.text_layers,
         num_attention_heads=cfg.text_heads,
         num_key_value_heads=cfg.text_heads,
         max_position_embeddings=cfg.max_positions,
-        pad_token_id=tok.pad_id,
-        bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id,
+        rms_norm_eps=1e-5 if llava15 else 1e-6,
+        pad_token_id=text.pad_id,
+        bos_token_id=text.bos_id,
+        eos_token_id=text.eos_id,
         tie_word_embeddings=False,
     )
     config = LlavaConfig(
         vision_config=vision,
-        text_config=text,
-        image_token_index=tok.image_token_id,
+        text_config=language,
+        image_token_index=text.image_token_id,
         image_seq_length=num_patches(cfg),
         vision_feature_select_strategy=strategy,
-        vision_feature_layer=-1,  # trained from scratch: the last layer is the one to read
+        vision_feature_layer=-2 if llava15 else -1,
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
     )
     config._attn_implementation = "sdpa"
-    model = normalise_projector_input(LlavaForConditionalGeneration(config))
+    return config
+
+
+def build_tiny_llava(cfg: ModelConfig, tok: CompactTokenizer) -> LlavaForConditionalGeneration:
+    """A randomly initialised small Llava built from ``cfg`` only (a few million parameters).
+
+    The projector is Llava's own two-layer GELU MLP from the last vision layer's patch tokens.
+    """
+    seq_needed = 1 + num_patches(cfg)
+    if seq_needed >= cfg.max_positions:
+        raise ValueError(
+            f"model.max_positions: expected more than 1 + {num_patches(cfg)} image tokens + text, got {cfg.max_positions}"
+        )
+    model = normalise_projector_input(LlavaForConditionalGeneration(llava_config(cfg, tok, tok.vocab_size)))
     if cfg.conv_stem:
         model = use_conv_stem(model)
     return model.to(DTYPES[cfg.dtype])
@@ -505,24 +518,54 @@ class HFImageCodec:
 HF_LLAVA_PROMPT = PromptFormat(prefix="USER:", template="\n{instruction} ASSISTANT:", answer=" {answer}")
 
 
-def load_hf_llava(path: str, cfg: StreamConfig) -> VLM:
-    """A local llava-1.5-hf style checkpoint directory, with its own tokenizer and image processor.
+def random_llava(cfg: ModelConfig, corpus_texts: Sequence[str], seed: int) -> tuple[LlavaForConditionalGeneration, CompactTokenizer, Any]:
+    """A randomly initialised Llava-1.5-style model of ``cfg``'s sizes, with the compact tokenizer of
+    ``corpus_texts`` and a CLIP image processor at ``cfg.image_size`` (no file is read).
+
+    For system checks at real widths on a machine without the checkpoint. Every process building it
+    from the same config and seed gets the same weights (data-parallel ranks must agree).
+    """
+    import transformers
+    from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    # the PIL implementation where transformers has one (its default needs torchvision)
+    image_processor_cls = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+
+    tok = CompactTokenizer.build(corpus_texts)
+    config = llava_config(cfg, tok, max(cfg.vocab_size, tok.vocab_size), llava15=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    size = cfg.image_size
+    image_processor = image_processor_cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                         image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+    return model.to(DTYPES[cfg.dtype]), tok, image_processor
+
+
+def load_hf_llava(path: Optional[str], cfg: StreamConfig, corpus_texts: Sequence[str] = ()) -> VLM:
+    """A local llava-1.5-hf style checkpoint directory, with its own tokenizer and image processor;
+    or, with ``model.init=random``, :func:`random_llava` of the config's sizes (``path`` unused).
 
     Only local files are read (``local_files_only=True``). The prompt follows Llava-1.5's
     ``USER: <image>\\n... ASSISTANT:`` layout.
     """
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    if not Path(path, "config.json").is_file():
-        raise FileNotFoundError(f"model.path={path}: expected a local Llava checkpoint directory with config.json")
     dtype = DTYPES[cfg.model.dtype]
-    model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype)
+    if cfg.model.init == "random":
+        model, text, image_processor = random_llava(cfg.model, corpus_texts, cfg.train.seed)
+        source = "random init"
+    else:
+        if not Path(str(path), "config.json").is_file():
+            raise FileNotFoundError(f"model.path={path}: expected a local Llava checkpoint directory with config.json")
+        model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        text = HFTokenizerCodec(tokenizer, model.config.image_token_id)
+        source = str(path)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    text = HFTokenizerCodec(tokenizer, model.config.image_token_id)
     images = HFImageCodec(image_processor, dtype)
-    with torch.no_grad():  # count the image tokens the checkpoint really produces per image
+    with torch.no_grad():  # count the image tokens the model really produces per image
         probe = images.pixel_values([None])
         feats = model.get_image_features(pixel_values=probe).pooler_output
     n_tokens = int(feats[0].shape[0])
@@ -534,4 +577,64 @@ def load_hf_llava(path: str, cfg: StreamConfig) -> VLM:
         max_answer_len=cfg.data.max_answer_len,
         prompt=HF_LLAVA_PROMPT,
     )
-    return VLM(model, processor, cfg.model, {"source": str(path)})
+    return VLM(model, processor, cfg.model, {"source": source})
+
+
+# -- what the pipeline does to the model ----------------------------------------------------------
+def language_linear_names(cfg: StreamConfig) -> Optional[set[str]]:
+    """Leaf names of the language model's linears (``q_proj``, ...), from the architecture built on
+    the meta device (no weights allocated); None when a pretrained checkpoint is not on this machine."""
+    if cfg.model.kind == "hf_llava" and cfg.model.init == "pretrained":
+        if not Path(str(cfg.model.path), "config.json").is_file():
+            return None
+        config = LlavaConfig.from_pretrained(cfg.model.path, local_files_only=True)
+    else:
+        ids = CompactTokenizer([])  # special ids only: the names do not depend on the vocabulary
+        config = llava_config(cfg.model, ids, ids.vocab_size, llava15=cfg.model.kind == "hf_llava")
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and "language_model" in name.split(".")}
+
+
+def check_target_modules(cfg: StreamConfig) -> None:
+    """Every ``method.target_modules`` name must pick at least one language-model linear; checked
+    on the driver before any data is prepared or any model loaded."""
+    from cram_ray.config import ConfigError
+
+    names = language_linear_names(cfg)
+    if names is None:
+        return
+    missing = [t for t in cfg.method.target_modules if t.rsplit(".", 1)[-1] not in names]
+    if missing:
+        raise ConfigError(f"method.target_modules: {', '.join(missing)} name(s) no linear of the language model "
+                          f"(expected some of {', '.join(sorted(names))})")
+
+
+def strip_adapters(model: torch.nn.Module) -> torch.nn.Module:
+    """Put every adapter-wrapped linear back (each wrapper keeps its linear as ``base_layer``, as
+    peft's LoRA layers, ExpertLinear and MoELoRALinear do) and drop peft's bookkeeping; in place."""
+    wrapped = [(name, module) for name, module in model.named_modules()
+               if not isinstance(module, torch.nn.Linear) and isinstance(getattr(module, "base_layer", None), torch.nn.Module)]
+    outer = [(n, m) for n, m in wrapped if not any(n.startswith(o + ".") for o, _ in wrapped)]
+    for name, module in outer:
+        base = module.base_layer
+        while not isinstance(base, torch.nn.Linear) and hasattr(base, "base_layer"):
+            base = base.base_layer
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, base)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
+
+
+def set_gradient_checkpointing(model: LlavaForConditionalGeneration, enabled: bool) -> None:
+    """Turn transformers' activation checkpointing on (non-reentrant: the frozen base's inputs need
+    no gradient for the adapters inside a layer to get theirs) or off."""
+    if enabled:  # activation_checkpointing_enable is the name transformers 5 gives gradient_checkpointing_enable
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif model.is_gradient_checkpointing:
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()

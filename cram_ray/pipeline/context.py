@@ -2,7 +2,10 @@
 
 A :class:`StageContext` is small and JSON-able (it crosses the Ray boundary as a dict and is rebuilt
 on the worker). Heavy objects — the base VLM and the routing encoders — are built per process
-by :func:`runtime` and cached there.
+by :func:`runtime` and cached there. The base is loaded once per process and every stage injects
+its adapters into that same model (:meth:`Runtime.fresh_model` first removes the previous
+stage's), so the routing encoder reads the model's own vision tower on whatever device the stage
+moved the model to.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from cram_ray.config import StreamConfig, config_hash, from_dict
+from cram_ray.config import StreamConfig, TrainConfig, config_hash, from_dict
 from cram_ray.data.records import Record, TaskInfo
 from cram_ray.pipeline.ledger import Ledger, Storage
 
@@ -79,9 +82,24 @@ class Runtime:
     image_encoder: Any
     text_encoder: Any
 
-    def fresh_model(self) -> torch.nn.Module:
-        """A private copy of the frozen base for one stage to inject adapters into."""
-        return copy.deepcopy(self.vlm.model)
+    def fresh_model(self, train: TrainConfig) -> torch.nn.Module:
+        """The frozen base, without adapters, for one stage to inject its adapters into.
+
+        The process's base itself, cleared of what the previous stage attached: copying a 7B base
+        per stage would hold it twice in host memory and keep the routing encoder's vision tower
+        on the CPU while the stage's copy trains on the GPU. ZeRO-3 is the exception: DeepSpeed
+        converts every parameter of the module it wraps, frozen ones included, so that stage gets
+        a private copy and the base stays untouched.
+        """
+        from cram_ray.models.vlm import freeze, set_gradient_checkpointing, strip_adapters
+
+        if train.executor == "ray" and train.zero_stage == 3:
+            model = copy.deepcopy(strip_adapters(self.vlm.model))
+        else:
+            model = strip_adapters(self.vlm.model)
+        freeze(model)
+        set_gradient_checkpointing(model, train.gradient_checkpointing)
+        return model
 
 
 @lru_cache(maxsize=2)

@@ -48,7 +48,7 @@ def previous_state_rel(ctx: StageContext, task: int, stage: str) -> Optional[str
 def restore(ctx: StageContext, task: int, stage: str, rt: Runtime, scratch: Path) -> tuple[torch.nn.Module, ContinualMethod]:
     """A fresh copy of the base with the method attached and the previous state loaded."""
     seed_everything(ctx.cfg.train.seed, task, stage, "attach")
-    model = rt.fresh_model()
+    model = rt.fresh_model(ctx.cfg.train)
     method = make_method(ctx.cfg)
     method.attach(model)
     rel = previous_state_rel(ctx, task, stage)
@@ -105,6 +105,7 @@ def local_fit(ctx: StageContext, task: int, stage: str) -> Fit:
         return fit_steps(
             model, method, batches, steps, lr=ctx.cfg.train.lr, warmup_ratio=ctx.cfg.train.warmup_ratio,
             weight_decay=ctx.cfg.train.weight_decay, observe=observe, log=_log(ctx, task, stage),
+            grad_accum=ctx.cfg.train.grad_accum,
         )
     return fit
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from cram_ray.config import TrainConfig
 from cram_ray.methods.base import Batch, ContinualMethod
-from cram_ray.train.loop import compute_loss, cosine_lambda, make_optimizer
+from cram_ray.train.loop import accumulate, compute_loss, cosine_lambda, make_optimizer
 from cram_ray.train.zero import deepspeed_config, optimizer_factory, schedule_factory, uses_deepspeed
 
 PARAMS_FILE = "trainable.safetensors"
@@ -146,7 +146,8 @@ class Stepper:
             self.engine, _, _, _ = ds.initialize(
                 model=self.module, model_parameters=self.params,
                 optimizer=optimizer_factory(train), lr_scheduler=schedule_factory(train, steps),
-                config=deepspeed_config(train, world_size=self.world_size, dtype=dtype),
+                config=deepspeed_config(train, world_size=self.world_size, dtype=dtype,
+                                        bucket_elements=sum(p.numel() for p in self.params)),
             )
         else:
             self.optimizer = make_optimizer(self.params, train.lr, train.weight_decay)
@@ -156,15 +157,16 @@ class Stepper:
     def step(self, batch: Batch, step: int) -> dict[str, float]:
         """Forward, backward, surgery, optimizer + LR step; returns this rank's loss terms."""
         if self.deepspeed:
-            loss, logs = self.engine(batch)
-            self.engine.backward(loss)
-            if self.surgery:
-                self._surgery_zero(step)
-            self.engine.step()
-            return logs
-        loss, logs = self.module(batch)
+            def backward(loss: torch.Tensor, parts: int) -> None:
+                self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+                if self.surgery and self.engine.is_gradient_accumulation_boundary():
+                    self._surgery_zero(step)
+                self.engine.step()  # an optimizer step at the accumulation boundary only
+
+            return accumulate(self.engine, batch, self.train.grad_accum, backward)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        logs = accumulate(self.module, batch, self.train.grad_accum,
+                          lambda loss, parts: (loss / parts).backward())
         self._all_reduce_grads()
         self.method.before_optimizer_step(step)
         self.optimizer.step()

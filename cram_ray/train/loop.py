@@ -52,6 +52,39 @@ def compute_loss(model: nn.Module, method: ContinualMethod, batch: Batch) -> tup
     return loss, logs
 
 
+def split_batch(batch: Batch, parts: int) -> list[Batch]:
+    """``batch`` cut into ``parts`` consecutive micro-batches (sizes differ by at most one sample);
+    every per-sample tensor or list is cut, anything else is shared."""
+    n = len(batch["input_ids"])
+    if parts <= 1 or n <= 1:
+        return [batch]
+    bounds = [round(i * n / min(parts, n)) for i in range(min(parts, n) + 1)]
+    out = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        out.append({k: v[lo:hi] if isinstance(v, (torch.Tensor, list, tuple)) and len(v) == n else v
+                    for k, v in batch.items()})
+    return out
+
+
+def accumulate(forward: Callable[[Batch], tuple[torch.Tensor, dict[str, float]]], batch: Batch, parts: int,
+               backward: Callable[[torch.Tensor, int], None]) -> dict[str, float]:
+    """``forward`` (-> loss, logs) and ``backward(loss, parts)`` each micro-batch of ``batch``; the
+    mean of their logs.
+
+    The caller's ``backward`` divides by ``parts`` (or lets DeepSpeed do it), so the accumulated
+    gradient is the mean over micro-batches: with equal micro-batches, the full batch's gradient up
+    to how the per-token mean of the loss weighs samples of different answer lengths.
+    """
+    chunks = split_batch(batch, parts)
+    totals: dict[str, float] = {}
+    for chunk in chunks:
+        loss, logs = forward(chunk)
+        backward(loss, len(chunks))
+        for k, v in logs.items():
+            totals[k] = totals.get(k, 0.0) + v / len(chunks)
+    return totals
+
+
 def fit_steps(
     model: nn.Module,
     method: ContinualMethod,
@@ -67,12 +100,14 @@ def fit_steps(
     start_step: int = 0,
     optimizer_state: Optional[dict[str, Any]] = None,
     on_step: Optional[Callable[[int, torch.optim.Optimizer], None]] = None,
+    grad_accum: int = 1,
 ) -> dict[str, float]:
     """Run ``steps`` optimizer steps over ``method.trainable_parameters()``; returns mean losses.
 
     ``observe`` sees every batch (e.g. the probe's feature statistics). ``start_step`` and
     ``optimizer_state`` resume a run from a checkpoint; ``on_step(step, optimizer)`` is called after
-    every step (checkpointing).
+    every step (checkpointing). ``grad_accum``: each batch runs as that many micro-batches whose
+    gradients add up before the step (activation memory of one micro-batch).
     """
     params = method.trainable_parameters()
     optimizer = make_optimizer(params, lr, weight_decay)
@@ -89,9 +124,9 @@ def fit_steps(
         if observe is not None:
             with torch.no_grad():
                 observe(batch)
-        loss, logs = compute_loss(model, method, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        logs = accumulate(lambda b: compute_loss(model, method, b), batch, grad_accum,
+                          lambda loss, parts: (loss / parts).backward())
         method.before_optimizer_step(step)
         optimizer.step()
         schedule.step()

@@ -22,6 +22,7 @@ from cram_ray.train.loop import cosine_lambda, make_optimizer
 
 DDP_STAGE = -1  # train.zero_stage value that selects plain torch DDP
 PERSIST_ALL = 10**11  # a ZeRO-3 persistence threshold no parameter reaches
+DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size
 
 
 def uses_deepspeed(train: TrainConfig) -> bool:
@@ -29,7 +30,8 @@ def uses_deepspeed(train: TrainConfig) -> bool:
 
 
 def micro_batch_size(train: TrainConfig, world_size: int) -> int:
-    """Samples per rank per step: the global batch ``train.batch_size`` split over the ranks.
+    """Samples per rank per optimizer step: the global batch ``train.batch_size`` split over the
+    ranks (each rank runs them as ``train.grad_accum`` micro-batches).
 
     Data-parallel ranks average their gradients, so the optimiser sees the same global batch size
     as the in-process loop whatever the number of workers.
@@ -51,6 +53,7 @@ def deepspeed_config(
     dtype: str = "float32",
     gradient_clipping: float = 0.0,
     optimizer_in_config: bool = False,
+    bucket_elements: int = DEFAULT_BUCKET,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON config of one training run.
 
@@ -62,6 +65,9 @@ def deepspeed_config(
         gradient_clipping: max global gradient norm; 0 = off, as in the in-process loop.
         optimizer_in_config: add an AdamW ``optimizer`` section (``torch_adam``) for callers that
             pass no optimiser of their own. The worker passes ``loop.make_optimizer`` instead.
+        bucket_elements: the trainable parameter count, to cap ZeRO's gradient buckets: stages 1-2
+            allocate a whole ``reduce_bucket_size`` buffer (5e8 elements, 1-2 GB) even for an adapter
+            of a few million parameters.
 
     Returns:
         A JSON-able dict for ``deepspeed.initialize(config=...)``.
@@ -69,14 +75,19 @@ def deepspeed_config(
     stage = train.zero_stage
     if not uses_deepspeed(train):
         raise ConfigError("train.zero_stage=-1 selects plain torch DDP: there is no DeepSpeed config to build")
-    micro = micro_batch_size(train, world_size)
+    per_rank = micro_batch_size(train, world_size)
+    if per_rank % train.grad_accum:
+        raise ConfigError(f"train.batch_size: expected a multiple of train.num_workers x train.grad_accum = "
+                          f"{world_size * train.grad_accum}, got {train.batch_size}")
+    micro = per_rank // train.grad_accum
     if gradient_clipping < 0:
         raise ConfigError(f"gradient clipping: expected >= 0, got {gradient_clipping}")
     bf16 = train.use_gpu and dtype == "bfloat16"
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
         # contiguous buckets keep ZeRO's reduce/partition layout identical on every rank
-        zero.update({"contiguous_gradients": True, "overlap_comm": False})
+        zero.update({"contiguous_gradients": True, "overlap_comm": False,
+                     "reduce_bucket_size": max(1, min(DEFAULT_BUCKET, bucket_elements))})
     if stage == 3:
         # Methods read parameters outside module forwards (routing centroids, the decoupling
         # penalty's expert bases, state() after the fit). Every parameter is "persistent": fetched
@@ -86,8 +97,8 @@ def deepspeed_config(
         zero.update({"stage3_param_persistence_threshold": PERSIST_ALL})
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": micro * world_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": micro * world_size * train.grad_accum,
         "gradient_clipping": float(gradient_clipping),
         "zero_optimization": zero,
         "fp16": {"enabled": False},
