@@ -38,7 +38,9 @@ def test_workers_times_accumulation_must_divide_the_batch():
 
 def test_method_rank_follows_the_method():
     cfg = load_config(PRESET_7B)
-    assert [cfg.replace(**{"method.name": m}).method.rank for m in ("lora_ft", "moelora", "olora", "hide")] == [64, 64, 8, 8]
+    assert [cfg.replace(**{"method.name": m}).method.rank for m in ("lora_ft", "moelora", "olora", "hide")] == [64, 8, 8, 8]
+    moelora = cfg.replace(**{"method.name": "moelora"}).method
+    assert moelora.moelora.experts * (moelora.moelora.expert_rank or moelora.rank) == 64  # the reference's total rank
 
 
 def test_environment_problems_name_what_is_missing(tmp_path):

@@ -69,7 +69,7 @@ def test_adapter_sizes_by_method():
     olora = adapter_sizes(cfg.replace(**{"method.name": "olora"}), a)
     assert olora.trainable == 32 * 8 * per_layer and olora.stored == 32 * 2 * 8 * per_layer
     moe = adapter_sizes(cfg.replace(**{"method.name": "moelora"}), a)  # + a gate of E rows per target
-    assert moe.trainable == 32 * (64 * per_layer + 4 * (6 * 4096 + 11008))
+    assert moe.trainable == 32 * (8 * 8 * per_layer + 8 * (6 * 4096 + 11008))  # 8 experts of rank 8
 
 
 def test_activation_terms_by_hand():
