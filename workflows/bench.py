@@ -228,6 +228,26 @@ def _ingest_worker(config: dict) -> None:
     ray.train.report({"timed_seconds": end - t_timed, "first_seconds": t_timed - t0, "threads": torch.get_num_threads()})
 
 
+def _plain_loop(args: argparse.Namespace, ctx, settings: dict, processor, records, bs: int) -> tuple[float, float]:
+    """(warm-up seconds, timed seconds) of the same steps fed by a torch DataLoader in this process."""
+    model, _, optimizer = _ingest_model(settings, ctx.cfg.to_dict())
+    loader = torch.utils.data.DataLoader(
+        records, batch_size=bs, shuffle=True, drop_last=True, num_workers=args.loader_workers,
+        generator=torch.Generator().manual_seed(ctx.cfg.train.seed), persistent_workers=args.loader_workers > 0,
+        collate_fn=lambda recs: processor.train_batch(recs, [0] * len(recs)))
+    t0 = time.perf_counter()
+    done = 0
+    while done < args.steps:
+        for batch in loader:
+            if done == args.warmup:
+                t_timed = time.perf_counter()
+            _train_step(model, optimizer, batch)
+            done += 1
+            if done == args.steps:
+                break
+    return t_timed - t0, time.perf_counter() - t_timed
+
+
 def bench_ingest(args: argparse.Namespace) -> None:
     """Samples/s of training steps fed by Ray Data (stream ingest into one Train worker) and by a torch
     DataLoader in this process, same model, records and batch size; the first ``--warmup`` steps
@@ -241,6 +261,8 @@ def bench_ingest(args: argparse.Namespace) -> None:
     from ray.train.torch import TorchTrainer
 
     from cram_ray.data.shards import read_shards
+    from cram_ray.models.tokenizer import CompactTokenizer
+    from cram_ray.models.vlm import compact_processor
     from cram_ray.pipeline.ray_cluster import connect
     from cram_ray.train.ingest import Phase, StreamPlan
     from cram_ray.train.trainer import stream_dataset
@@ -249,9 +271,6 @@ def bench_ingest(args: argparse.Namespace) -> None:
         ctx = bench_context(args, Path(tmp))
         train = ctx.cfg.train
         corpus = json.loads(ctx.storage.read_bytes("bench/data/corpus.json"))
-        from cram_ray.models.tokenizer import CompactTokenizer
-        from cram_ray.models.vlm import compact_processor
-
         processor = compact_processor(ctx.cfg.model, ctx.cfg.data, CompactTokenizer.build(corpus))
         settings = processor.settings()
         source = json.dumps({"settings": settings}, sort_keys=True)
@@ -259,6 +278,12 @@ def bench_ingest(args: argparse.Namespace) -> None:
         plan = StreamPlan.build(n=ctx.tasks[0].n_train, batch_size=bs, world_size=1, seed=train.seed, task=0,
                                 phases=[Phase("train", steps, "train")], mode="stream",
                                 shuffle_buffer=train.shuffle_buffer)
+
+        records = read_shards(ctx.storage.get_dir(ctx.shard_rel(0, "train"), Path(tmp) / "local"))
+        threads = max(1, int(train.cpus_per_worker))  # what Ray gives the Train worker (OMP_NUM_THREADS)
+        torch.set_num_threads(threads)
+        # plain loop before and after the Ray run: a load change on a shared machine hits both sides
+        before = _plain_loop(args, ctx, settings, processor, records, bs)
 
         connect(train)
         ds, _ = stream_dataset(ctx, 0, [], source)
@@ -271,35 +296,17 @@ def bench_ingest(args: argparse.Namespace) -> None:
         )
         got = trainer.fit().metrics
         ray.shutdown()
-
-        threads = int(got["threads"])
-        torch.set_num_threads(threads)  # what the Train worker had (Ray sets OMP_NUM_THREADS from its CPUs)
-        model, _, optimizer = _ingest_model(settings, ctx.cfg.to_dict())
-        records = read_shards(ctx.storage.get_dir(ctx.shard_rel(0, "train"), Path(tmp) / "local"))
-        loader = torch.utils.data.DataLoader(
-            records, batch_size=bs, shuffle=True, drop_last=True, num_workers=args.loader_workers,
-            generator=torch.Generator().manual_seed(train.seed), persistent_workers=args.loader_workers > 0,
-            collate_fn=lambda recs: processor.train_batch(recs, [0] * len(recs)))
-        t0 = time.perf_counter()
-        done = 0
-        while done < steps:
-            for batch in loader:
-                if done == args.warmup:
-                    t_timed = time.perf_counter()
-                _train_step(model, optimizer, batch)
-                done += 1
-                if done == steps:
-                    break
-        end = time.perf_counter()
+        after = _plain_loop(args, ctx, settings, processor, records, bs)
 
     timed = (steps - args.warmup) * bs
-    ray_sps, plain_sps = timed / got["timed_seconds"], timed / (end - t_timed)
+    ray_sps = timed / got["timed_seconds"]
+    plain_sps = 2 * timed / (before[1] + after[1])
     print(f"ingest: {ctx.cfg.model.kind} model of {args.config}, task {args.task}, {ctx.tasks[0].n_train} records, "
           f"batch {bs}, {steps} steps ({args.warmup} warm-up steps timed apart)")
-    print(machine(threads))
+    print(machine(int(got["threads"])) + f" (plain loop: {torch.get_num_threads()})")
     print(f"ray data -> train worker: {ray_sps:.1f} samples/s (warm-up {got['first_seconds']:.1f} s)")
-    print(f"plain DataLoader ({args.loader_workers} loader worker(s)): {plain_sps:.1f} samples/s "
-          f"(warm-up {t_timed - t0:.1f} s)")
+    print(f"plain DataLoader ({args.loader_workers} loader worker(s)), run before and after: {plain_sps:.1f} samples/s "
+          f"({timed / before[1]:.1f} and {timed / after[1]:.1f}; warm-up {before[0]:.1f} s)")
     print(f"ratio {ray_sps / plain_sps:.3f}")
 
 
@@ -336,14 +343,18 @@ def bench_eval(args: argparse.Namespace) -> None:
         ready = min(float(r["ready"]) for r in rows) - wall0
         ray.shutdown()
 
-    same = sorted(r["id"] for r in rows) == sorted(r["id"] for r in local_rows)
+    import json
+
+    on_ray = {r["id"]: json.loads(r["row"])["prediction"] for r in rows}
+    same = len(rows) == len(on_ray) == n and on_ray == {r["id"]: r["prediction"] for r in local_rows}
     ray_sps, local_sps = n / ray_s, n / local_s
     print(f"eval: {ctx.cfg.model.kind} model of {args.config}, task {args.task}, {n} test records, "
           f"batch {ctx.cfg.train.eval_batch_size}, {ctx.cfg.train.num_workers} actor(s)")
     print(machine(threads))
     print(f"in-process loop: {local_sps:.1f} samples/s ({local_s:.1f} s)")
     print(f"ray data actor pool: {ray_sps:.1f} samples/s end to end ({ray_s:.1f} s, of which {max(0.0, ready):.1f} s "
-          f"before the first actor was ready); every record answered once: {same}")
+          f"before the first actor was ready)")
+    print(f"every record answered once, with the in-process loop's answer: {same}")
     print(f"ratio {ray_sps / local_sps:.3f}")
 
 
