@@ -49,7 +49,7 @@ FAULT_KEY = "fault"  # train_loop_config key: {"stage", "step", "rank", "flag"}:
 
 # -- the data of this rank -------------------------------------------------------------------
 class RowStream:
-    """This rank's encoded rows, one micro-batch at a time, addressed by (phase, step).
+    """This rank's encoded rows of the exact ingest, one micro-batch at a time, addressed by (phase, step).
 
     A background thread pulls from Ray Data from construction on, so the pipeline's start (its
     tasks' processes import torch and the processor) overlaps the worker's own model loading.
