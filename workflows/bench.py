@@ -210,6 +210,9 @@ def _train_step(model, optimizer, batch) -> None:
 
 def _ingest_worker(config: dict) -> None:
     """Ray Train worker of ``bench.py ingest``: the fused run's data path (ShardStream) into plain steps."""
+    import json
+    import tempfile
+
     import ray.train
 
     from cram_ray.train.ingest import ShardStream, StreamPlan
@@ -225,7 +228,10 @@ def _ingest_worker(config: dict) -> None:
         (batch,) = stream.take(0, step)
         _train_step(model, optimizer, batch)
     end = time.perf_counter()
-    ray.train.report({"timed_seconds": end - t_timed, "first_seconds": t_timed - t0, "threads": torch.get_num_threads()})
+    metrics = {"timed_seconds": end - t_timed, "first_seconds": t_timed - t0, "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:  # Train v2 keeps the metrics of a report with a checkpoint
+        (Path(tmp) / "bench.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _plain_loop(args: argparse.Namespace, ctx, settings: dict, processor, records, bs: int) -> tuple[float, float]:
@@ -294,7 +300,8 @@ def bench_ingest(args: argparse.Namespace) -> None:
             run_config=RunConfig(name="bench_ingest", storage_path=str(Path(tmp) / "runs")),
             datasets={"train": ds}, dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         )
-        got = trainer.fit().metrics
+        with trainer.fit().checkpoint.as_directory() as saved:
+            got = json.loads((Path(saved) / "bench.json").read_text())
         ray.shutdown()
         after = _plain_loop(args, ctx, settings, processor, records, bs)
 

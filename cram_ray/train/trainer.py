@@ -5,8 +5,8 @@
 name ``task_<t>`` (stable, so a rerun of the driver continues the same Train run and its
 checkpoints); ``FailureConfig(max_failures=train.max_failures)``; and ``datasets={"train": ...}``:
 the task's training shards read with ``ray.data.read_parquet``. With ``train.ingest: stream`` they
-are decoded and tokenised once and split over the workers by Ray Train's ``DataConfig``
-(``streaming_split``, order preserved); with ``exact`` they are expanded into the in-process batch
+are decoded and tokenised once (materialised when small) and split over the workers by Ray
+Train's ``DataConfig`` (``streaming_split``, order preserved); with ``exact`` they are expanded into the in-process batch
 order and sorted, and :class:`RankSplit` hands each worker its planned rows (cram_ray/train/ingest.py).
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ from cram_ray.train.worker import FAULT_KEY, FIT_PHASES, train_loop_per_worker
 FAULT_ENV = "CRAM_RAY_FAULT"  # JSON {"stage", "step", "rank", "flag"}: tests kill a worker once
 RUNS_DIR = "train_runs"
 ROWS_PER_PARTITION = 512  # sorted rows per shuffle partition (a partition carries the images)
+CACHE_FRACTION = 0.25  # stream ingest: materialise a task's decoded rows up to this share of the object store
 
 
 def run_name(task: int) -> str:
@@ -92,16 +93,31 @@ def plan_for(ctx: StageContext, task: int, stages: list[str], n: int) -> StreamP
                             phases=phases, mode=train.ingest, shuffle_buffer=train.shuffle_buffer)
 
 
+def decoded_bytes(ctx: StageContext, task: int) -> int:
+    """Rough size of a task's decoded training rows: float32 pixels dominate (token ids are small)."""
+    size = ctx.cfg.model.image_size
+    return ctx.tasks[task].n_train * (3 * size * size * 4 + 8 * (ctx.cfg.data.max_text_len + ctx.cfg.data.max_answer_len))
+
+
 def stream_dataset(ctx: StageContext, task: int, plan_stages: list[str], source: str):
-    """(dataset, plan) of the stream ingest: the task's rows read once, decoded and tokenised (lazy)."""
+    """(dataset, plan) of the stream ingest: the task's rows read once, decoded and tokenised.
+
+    Every epoch of a streaming split re-executes its dataset; when the decoded rows take at most
+    ``CACHE_FRACTION`` of the object store they are materialised once (Ray Data's advice for data
+    that fits), so later epochs only hand out blocks. Larger tasks stream every epoch.
+    """
+    import ray
     import ray.data
 
     storage = ctx.storage
     paths = shard_paths(storage, ctx.shard_rel(task, "train"))
     plan = plan_for(ctx, task, plan_stages, ctx.tasks[task].n_train)
     ds = ray.data.read_parquet(paths, filesystem=storage.fs)
-    return ds.map_batches(encode_rows, fn_kwargs={"source": source, "task": task},
-                          batch_format="numpy", batch_size=64), plan
+    ds = ds.map_batches(encode_rows, fn_kwargs={"source": source, "task": task}, batch_format="numpy", batch_size=64)
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    if decoded_bytes(ctx, task) <= CACHE_FRACTION * store:
+        ds = ds.materialize()
+    return ds, plan
 
 
 def train_dataset(ctx: StageContext, task: int, plan_stages: list[str]):
