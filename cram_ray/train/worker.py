@@ -264,10 +264,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 workdir = scratch / "out"
                 workdir.mkdir()
                 save_state(method, workdir)
-                # startup of the first sub-stage includes the worker's own start (runtime, data)
+                # startup of the first sub-stage includes the worker's own start (runtime, data); time
+                # the steps waited for data is not compute either
                 first = stage == stages[0]
+                idle = (t_restored - t0) + timings.get(f"{stage}_data_wait", 0.0)
                 result = StageResult(stage, task, report, seconds + (startup if first else 0.0),
-                                     (t_restored - t0) + (startup if first else 0.0))
+                                     idle + (startup if first else 0.0))
                 ctx.ledger.commit(result, workdir)
                 log(f" {stage}: committed in {seconds:.1f}s")
             barrier()
