@@ -263,6 +263,7 @@ def bench_ingest(args: argparse.Namespace) -> None:
 
     import ray
     from ray.data import ExecutionOptions
+    from ray.data.dataset import MaterializedDataset
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -292,7 +293,9 @@ def bench_ingest(args: argparse.Namespace) -> None:
         before = _plain_loop(args, ctx, settings, processor, records, bs)
 
         connect(train)
-        ds, _ = stream_dataset(ctx, 0, [], source)
+        t_data = time.perf_counter()
+        ds, _ = stream_dataset(ctx, 0, [], source)  # as the stream does: materialised when small
+        data_s = time.perf_counter() - t_data
         trainer = TorchTrainer(
             _ingest_worker,
             train_loop_config={"settings": settings, "cfg": ctx.cfg.to_dict(), "plan": plan.to_json(), "warmup": args.warmup},
@@ -311,7 +314,8 @@ def bench_ingest(args: argparse.Namespace) -> None:
     print(f"ingest: {ctx.cfg.model.kind} model of {args.config}, task {args.task}, {ctx.tasks[0].n_train} records, "
           f"batch {bs}, {steps} steps ({args.warmup} warm-up steps timed apart)")
     print(machine(int(got["threads"])) + f" (plain loop: {torch.get_num_threads()})")
-    print(f"ray data -> train worker: {ray_sps:.1f} samples/s (warm-up {got['first_seconds']:.1f} s)")
+    print(f"ray data -> train worker: {ray_sps:.1f} samples/s (before the run: dataset prepared in {data_s:.1f} s, "
+          f"materialised: {isinstance(ds, MaterializedDataset)}; warm-up {got['first_seconds']:.1f} s)")
     print(f"plain DataLoader ({args.loader_workers} loader worker(s)), run before and after: {plain_sps:.1f} samples/s "
           f"({timed / before[1]:.1f} and {timed / after[1]:.1f}; warm-up {before[0]:.1f} s)")
     print(f"ratio {ray_sps / plain_sps:.3f}")
