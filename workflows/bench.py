@@ -336,7 +336,8 @@ def bench_eval(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="cram-bench-") as tmp:
         ctx = bench_context(args, Path(tmp))
         n = ctx.tasks[0].n_test
-        threads = torch.get_num_threads()
+        threads = max(1, int(ctx.cfg.train.cpus_per_worker))  # what each actor gets (OMP_NUM_THREADS)
+        torch.set_num_threads(threads)
         rt = runtime(ctx)
         model, method = restore(ctx, 0, "evaluate", rt, Path(tmp))
         records = task_records(ctx, 0, "test", Path(tmp))
@@ -369,7 +370,7 @@ def bench_eval(args: argparse.Namespace) -> None:
     ray_sps, local_sps, steady_sps = n / ray_s, n / local_s, n / max(1e-9, ray_s - ready)
     print(f"eval: {ctx.cfg.model.kind} model of {args.config}, task {args.task}, {n} test records, "
           f"batch {ctx.cfg.train.eval_batch_size}, {ctx.cfg.train.num_workers} actor(s)")
-    print(machine(threads))
+    print(machine(threads) + " (the in-process loop and each actor)")
     print(f"in-process loop, run before and after: {local_sps:.1f} samples/s ({before:.1f} s and {after:.1f} s, "
           f"after a {local_warm:.1f} s warm-up batch)")
     print(f"ray data actor pool: {steady_sps:.1f} samples/s once the first actor was ready; end to end "
