@@ -295,12 +295,16 @@ class TrainConfig:
     max_failures: int = 2  # Ray Train FailureConfig(max_failures)
     stage_retries: int = 2  # Ray task retries per CPU stage
     ray_address: Optional[str] = None  # None = connect to a running cluster if any, else start one locally
+    # Ray Train input: "stream" = streaming_split over the workers + a seeded per-epoch shuffle of each
+    # worker's rows (docs/performance.md); "exact" = the in-process executor's batches (tests)
+    ingest: Literal["stream", "exact"] = "stream"
+    shuffle_buffer: int = 512  # rows a Train worker shuffles at a time ("stream" ingest)
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (-1, 0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage: expected -1 or 0-3, got {self.zero_stage}")
         _at_least("train", self, 1, "steps_per_task", "batch_size", "grad_accum", "eval_batch_size",
-                  "num_workers", "checkpoint_every")
+                  "num_workers", "checkpoint_every", "shuffle_buffer")
         _at_least("train", self, 0, "cpus_per_worker", "stage_retries", "weight_decay")
         _at_least("train", self, -1, "max_failures")
         _positive_rate("train", self, "lr")

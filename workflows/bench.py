@@ -6,6 +6,10 @@ Subcommands:
          questions asked with the images shuffled between records
   probe  how much of each built-in task's answer a linear classifier reads from the base's
          projected image tokens (test accuracy of a logistic regression per task)
+  ingest training samples/s fed by Ray Data to a Ray Train worker vs a plain torch DataLoader loop,
+         same model, data and batch size, in one run; last line ``ratio X`` (Ray / plain)
+  eval   evaluation samples/s, Ray Data batch inference on an actor pool vs the in-process loop,
+         in one run; last line ``ratio X`` (Ray / in-process)
 """
 from __future__ import annotations
 
@@ -166,6 +170,217 @@ def bench_probe(args: argparse.Namespace) -> None:
         print(f"{task.name:14s} {len(classes):7d} {len(train):6d} {len(test):5d} {100 * acc:11.1f} {100 * majority:10.1f}")
 
 
+def bench_context(args: argparse.Namespace, storage: Path):
+    """A one-task run of ``args.config`` with ``args.records`` records per split, prepared under ``storage``."""
+    from cram_ray.config import load_config
+    from cram_ray.pipeline.context import StageContext
+    from cram_ray.pipeline.driver import prepare_data
+
+    n = args.records
+    cfg = load_config(args.config, [f"storage={storage}", "tracking.enabled=false", "train.executor=ray",
+                                    f"data.builtin.tasks=[{args.task}]", f"data.builtin.train_per_task={n}",
+                                    f"data.builtin.test_per_task={n}", *args.overrides])
+    return StageContext(cfg, "bench", prepare_data(cfg, "bench"))
+
+
+def machine(threads: int) -> str:
+    import os
+
+    return f"machine: {os.cpu_count()} cores, torch {threads} intra-op thread(s) per training process"
+
+
+def _ingest_model(settings: dict, cfg_json: dict):
+    """The same randomly initialised tiny VLM in every process (throughput does not depend on weights)."""
+    from cram_ray.config import from_dict
+    from cram_ray.models.vlm import build_tiny_llava, compact_processor_from_settings
+
+    processor = compact_processor_from_settings(settings)
+    torch.manual_seed(0)
+    model = build_tiny_llava(from_dict(cfg_json).model, processor.text)
+    return model, processor, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def _train_step(model, optimizer, batch) -> None:
+    from cram_ray.train.loop import model_inputs
+
+    loss = model(**model_inputs(batch)).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def _ingest_worker(config: dict) -> None:
+    """Ray Train worker of ``bench.py ingest``: the fused run's data path (ShardStream) into plain steps."""
+    import json
+    import tempfile
+
+    import ray.train
+
+    from cram_ray.train.ingest import ShardStream, StreamPlan
+
+    model, processor, optimizer = _ingest_model(config["settings"], config["cfg"])
+    plan = StreamPlan.from_json(config["plan"])
+    stream = ShardStream(ray.train.get_dataset_shard("train"), plan, ray.train.get_context().get_world_rank(),
+                         pad_id=processor.text.pad_id, pixel_dtype=torch.float32)
+    t0 = time.perf_counter()
+    for step in range(plan.phases[0].steps):
+        if step == config["warmup"]:
+            t_timed = time.perf_counter()
+        (batch,) = stream.take(0, step)
+        _train_step(model, optimizer, batch)
+    end = time.perf_counter()
+    metrics = {"timed_seconds": end - t_timed, "first_seconds": t_timed - t0, "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:  # Train v2 keeps the metrics of a report with a checkpoint
+        (Path(tmp) / "bench.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _plain_loop(args: argparse.Namespace, ctx, settings: dict, processor, records, bs: int) -> tuple[float, float]:
+    """(warm-up seconds, timed seconds) of the same steps fed by a torch DataLoader in this process."""
+    model, _, optimizer = _ingest_model(settings, ctx.cfg.to_dict())
+    loader = torch.utils.data.DataLoader(
+        records, batch_size=bs, shuffle=True, drop_last=True, num_workers=args.loader_workers,
+        generator=torch.Generator().manual_seed(ctx.cfg.train.seed), persistent_workers=args.loader_workers > 0,
+        collate_fn=lambda recs: processor.train_batch(recs, [0] * len(recs)))
+    t0 = time.perf_counter()
+    done = 0
+    while done < args.steps:
+        for batch in loader:
+            if done == args.warmup:
+                t_timed = time.perf_counter()
+            _train_step(model, optimizer, batch)
+            done += 1
+            if done == args.steps:
+                break
+    return t_timed - t0, time.perf_counter() - t_timed
+
+
+def bench_ingest(args: argparse.Namespace) -> None:
+    """Samples/s of training steps fed by Ray Data (stream ingest into one Train worker) and by a torch
+    DataLoader in this process, same model, records and batch size; the first ``--warmup`` steps
+    (pipeline and worker start) are timed apart."""
+    import json
+    import tempfile
+
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.data.dataset import MaterializedDataset
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cram_ray.data.shards import read_shards
+    from cram_ray.models.tokenizer import CompactTokenizer
+    from cram_ray.models.vlm import compact_processor
+    from cram_ray.pipeline.ray_cluster import connect
+    from cram_ray.train.ingest import Phase, StreamPlan
+    from cram_ray.train.trainer import stream_dataset
+
+    with tempfile.TemporaryDirectory(prefix="cram-bench-") as tmp:
+        ctx = bench_context(args, Path(tmp))
+        train = ctx.cfg.train
+        corpus = json.loads(ctx.storage.read_bytes("bench/data/corpus.json"))
+        processor = compact_processor(ctx.cfg.model, ctx.cfg.data, CompactTokenizer.build(corpus))
+        settings = processor.settings()
+        source = json.dumps({"settings": settings}, sort_keys=True)
+        steps, bs = args.steps, min(train.batch_size, ctx.tasks[0].n_train)
+        plan = StreamPlan.build(n=ctx.tasks[0].n_train, batch_size=bs, world_size=1, seed=train.seed, task=0,
+                                phases=[Phase("train", steps, "train")], mode="stream",
+                                shuffle_buffer=train.shuffle_buffer)
+
+        records = read_shards(ctx.storage.get_dir(ctx.shard_rel(0, "train"), Path(tmp) / "local"))
+        threads = max(1, int(train.cpus_per_worker))  # what Ray gives the Train worker (OMP_NUM_THREADS)
+        torch.set_num_threads(threads)
+        # plain loop before and after the Ray run: a load change on a shared machine hits both sides
+        before = _plain_loop(args, ctx, settings, processor, records, bs)
+
+        connect(train)
+        t_data = time.perf_counter()
+        ds, _ = stream_dataset(ctx, 0, [], source)  # as the stream does: materialised when small
+        data_s = time.perf_counter() - t_data
+        trainer = TorchTrainer(
+            _ingest_worker,
+            train_loop_config={"settings": settings, "cfg": ctx.cfg.to_dict(), "plan": plan.to_json(), "warmup": args.warmup},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": train.cpus_per_worker}),
+            run_config=RunConfig(name="bench_ingest", storage_path=str(Path(tmp) / "runs")),
+            datasets={"train": ds}, dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        )
+        with trainer.fit().checkpoint.as_directory() as saved:
+            got = json.loads((Path(saved) / "bench.json").read_text())
+        ray.shutdown()
+        after = _plain_loop(args, ctx, settings, processor, records, bs)
+
+    timed = (steps - args.warmup) * bs
+    ray_sps = timed / got["timed_seconds"]
+    plain_sps = 2 * timed / (before[1] + after[1])
+    print(f"ingest: {ctx.cfg.model.kind} model of {args.config}, task {args.task}, {ctx.tasks[0].n_train} records, "
+          f"batch {bs}, {steps} steps ({args.warmup} warm-up steps timed apart)")
+    print(machine(int(got["threads"])) + f" (plain loop: {torch.get_num_threads()})")
+    print(f"ray data -> train worker: {ray_sps:.1f} samples/s (before the run: dataset prepared in {data_s:.1f} s, "
+          f"materialised: {isinstance(ds, MaterializedDataset)}; warm-up {got['first_seconds']:.1f} s)")
+    print(f"plain DataLoader ({args.loader_workers} loader worker(s)), run before and after: {plain_sps:.1f} samples/s "
+          f"({timed / before[1]:.1f} and {timed / after[1]:.1f}; warm-up {before[0]:.1f} s)")
+    print(f"ratio {ray_sps / plain_sps:.3f}")
+
+
+def bench_eval(args: argparse.Namespace) -> None:
+    """Evaluation samples/s of the base with the method attached (no task trained yet): Ray Data batch
+    inference on the stage's actor pool vs the in-process evaluation loop, over the same test records."""
+    import tempfile
+
+    import ray
+
+    from cram_ray.pipeline.context import runtime, task_records
+    from cram_ray.pipeline.ray_cluster import connect
+    from cram_ray.pipeline.ray_data_stages import Evaluator, _pool, split_dataset
+    from cram_ray.pipeline.stages import evaluate_task, restore
+
+    with tempfile.TemporaryDirectory(prefix="cram-bench-") as tmp:
+        ctx = bench_context(args, Path(tmp))
+        n = ctx.tasks[0].n_test
+        threads = max(1, int(ctx.cfg.train.cpus_per_worker))  # what each actor gets (OMP_NUM_THREADS)
+        torch.set_num_threads(threads)
+        rt = runtime(ctx)
+        model, method = restore(ctx, 0, "evaluate", rt, Path(tmp))
+        records = task_records(ctx, 0, "test", Path(tmp))
+        t0 = time.perf_counter()
+        evaluate_task(ctx, rt, model, method, 0, records[:ctx.cfg.train.eval_batch_size])  # lazy loads, first calls
+        local_warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        local_rows, _ = evaluate_task(ctx, rt, model, method, 0, records)
+        before = time.perf_counter() - t0
+
+        connect(ctx.cfg.train)
+        t0, wall0 = time.perf_counter(), time.time()
+        out = split_dataset(ctx, [(0, "test")]).map_batches(
+            Evaluator, fn_constructor_kwargs={"ctx_json": ctx.to_json(), "task": 0, "splits": [0]},
+            batch_size=ctx.cfg.train.eval_batch_size, batch_format="numpy", **_pool(ctx, gpu=True))
+        rows = list(out.iter_rows())
+        ray_s = time.perf_counter() - t0
+        ready = min(float(r["ready"]) for r in rows) - wall0
+        ray.shutdown()
+        # the in-process loop again after the Ray pass: a load change on a shared machine hits both sides
+        t0 = time.perf_counter()
+        evaluate_task(ctx, rt, model, method, 0, records)
+        after = time.perf_counter() - t0
+        local_s = (before + after) / 2
+
+    import json
+
+    on_ray = {r["id"]: json.loads(r["row"])["prediction"] for r in rows}
+    same = len(rows) == len(on_ray) == n and on_ray == {r["id"]: r["prediction"] for r in local_rows}
+    ray_sps, local_sps, steady_sps = n / ray_s, n / local_s, n / max(1e-9, ray_s - ready)
+    print(f"eval: {ctx.cfg.model.kind} model of {args.config}, task {args.task}, {n} test records, "
+          f"batch {ctx.cfg.train.eval_batch_size}, {ctx.cfg.train.num_workers} actor(s)")
+    print(machine(threads) + " (the in-process loop and each actor)")
+    print(f"in-process loop, run before and after: {local_sps:.1f} samples/s ({before:.1f} s and {after:.1f} s, "
+          f"after a {local_warm:.1f} s warm-up batch)")
+    print(f"ray data actor pool: {steady_sps:.1f} samples/s once the first actor was ready; end to end "
+          f"{ray_sps:.1f} samples/s ({ray_s:.1f} s, of which {max(0.0, ready):.1f} s starting the pool)")
+    print(f"every record answered once, with the in-process loop's answer: {same}")
+    print(f"end-to-end ratio {ray_sps / local_sps:.3f} (pool start-up included)")
+    print(f"ratio {steady_sps / local_sps:.3f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +411,20 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     probe.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
     probe.set_defaults(func=bench_probe)
+
+    ingest = sub.add_parser("ingest", help="Ray Data -> Train worker vs plain DataLoader training samples/s")
+    ingest.add_argument("--loader-workers", type=int, default=1, help="DataLoader worker processes of the plain loop")
+    ingest.add_argument("--steps", type=int, default=120)
+    ingest.add_argument("--warmup", type=int, default=10, help="first steps, timed apart (start-up)")
+
+    evaluation = sub.add_parser("eval", help="Ray Data batch inference vs in-process evaluation samples/s")
+    for p, records in ((ingest, 1024), (evaluation, 256)):
+        p.add_argument("--config", default=str(Path(__file__).resolve().parent / "configs/smoke.yaml"))
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--task", default="count", help="built-in task whose records are used")
+        p.add_argument("--records", type=int, default=records, help="records per split")
+    ingest.set_defaults(func=bench_ingest)
+    evaluation.set_defaults(func=bench_eval)
     return parser
 
 

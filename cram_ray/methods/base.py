@@ -12,7 +12,8 @@ on a method's name. Per task ``t`` of the stream, in stage order:
 * allocate:  ``report = m.allocate()``.
 * train:     ``m.begin_train()``, then ``total - n`` optimizer steps.
 * aggregate: ``m.observe(batch, "aggregate")`` over the task's training data (no grad);
-             ``report = m.end_task()``.
+             ``report = m.end_task()``. On Ray, processes observe parts of the data and the stage
+             merges their ``take_aggregate_statistics()`` with ``merge_aggregate_statistics``.
 * evaluate:  per test batch of every seen task: ``m.route(batch, training=False)``, greedy
              generation, and ``m.routed_task()`` for routing accuracy.
 
@@ -70,6 +71,16 @@ class ContinualMethod(ABC):
 
     def observe(self, batch: Batch, phase: Phase) -> None:
         """Accumulate statistics of a batch of the current task's training data (no grad)."""
+
+    def take_aggregate_statistics(self) -> dict[str, torch.Tensor]:
+        """What ``observe(batch, "aggregate")`` accumulated since the last call, as tensors, and
+        forget it: a partial sum that another process merges (a method whose observe accumulates
+        must override this and :meth:`merge_aggregate_statistics`)."""
+        return {}
+
+    def merge_aggregate_statistics(self, parts: list[dict[str, torch.Tensor]]) -> None:
+        """Add partial statistics from :meth:`take_aggregate_statistics` of other processes, as if
+        their batches had been observed here (exact up to float rounding)."""
 
     def end_probe(self) -> dict[str, Any]:
         return {}

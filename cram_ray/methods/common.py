@@ -153,6 +153,11 @@ class FeatureMean:
     def mean(self) -> Optional[torch.Tensor]:
         return None if self.sum is None or self.n == 0 else self.sum / self.n
 
+    def merge(self, other: "FeatureMean") -> None:
+        if other.n:
+            self.sum = other.sum.clone() if self.sum is None else self.sum + other.sum
+            self.n += other.n
+
     def state(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return ({key: self.sum.clone()} if self.sum is not None else {}), {"n": self.n}
 
@@ -192,6 +197,20 @@ class TaskAnchors:
             if has is not None:
                 feats = feats[has.to(torch.bool)]
             self.current_img.add(feats)
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The current task's sums and counts so far (see ContinualMethod.take_aggregate_statistics)."""
+        out: dict[str, torch.Tensor] = {}
+        for key, mean in (("img", self.current_img), ("txt", self.current_txt)):
+            out.update(mean.state(f"{key}.sum")[0])
+            out[f"{key}.n"] = torch.tensor(mean.n, dtype=torch.int64)
+        self.current_img, self.current_txt = FeatureMean(), FeatureMean()
+        return out
+
+    def merge(self, parts: list[dict[str, torch.Tensor]]) -> None:
+        for part in parts:
+            for key, mean in (("img", self.current_img), ("txt", self.current_txt)):
+                mean.merge(FeatureMean.from_state(part, {"n": int(part[f"{key}.n"])}, f"{key}.sum"))
 
     def commit(self, task: int) -> None:
         """The current task's means become anchor ``task`` (anchors are 0..n-1 in task order)."""

@@ -73,6 +73,12 @@ class HiDe(ContinualMethod):
         if phase == "aggregate":
             self.anchors.observe(batch)
 
+    def take_aggregate_statistics(self) -> dict[str, torch.Tensor]:
+        return self.anchors.take()
+
+    def merge_aggregate_statistics(self, parts: list[dict[str, torch.Tensor]]) -> None:
+        self.anchors.merge(parts)
+
     def end_task(self) -> dict[str, Any]:
         freeze(self.slots.all_params())
         self.training = False

@@ -364,6 +364,12 @@ class Same(ContinualMethod):
         if phase == "aggregate":
             self.anchors.observe(batch)
 
+    def take_aggregate_statistics(self) -> dict[str, torch.Tensor]:
+        return self.anchors.take()
+
+    def merge_aggregate_statistics(self, parts: list[dict[str, torch.Tensor]]) -> None:
+        self.anchors.merge(parts)
+
     def end_task(self) -> dict[str, Any]:
         freeze(self.slots.all_params())
         freeze(self._router_params())

@@ -190,7 +190,10 @@ def build_summary(cfg: StreamConfig, tasks: list[TaskMeta], results: dict[tuple[
         stage_seconds[s] += res.seconds
         startup += res.startup_seconds
     compute = sum(stage_seconds.values()) - startup
-    stage_seconds.update({"startup": startup, "compute": compute, "wall": wall})
+    # everything but compute is orchestration: stage start-up (workers, actor pools, restores) and what
+    # no stage timed (data preparation, Train run set-up, driver work); meaningful for a fresh run only
+    stage_seconds.update({"startup": startup, "compute": compute, "wall": wall,
+                          "overhead_fraction": (wall - compute) / wall if wall > 0 else 0.0})
     params = [int(results[(t, "aggregate")].metrics.get("params_added", 0)) for t in range(len(tasks))]
     summary = {
         "method": cfg.method.name,

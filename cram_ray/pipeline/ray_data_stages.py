@@ -1,25 +1,26 @@
-"""aggregate and evaluate as Ray Data passes, with the in-process stages' numbers.
+"""aggregate and evaluate as Ray Data batch inference: ``map_batches`` over an actor pool, no shuffle.
 
-Both stages group the rows of a split into exactly the batches the in-process stage forms
-(``batches_of(records, eval_batch_size, arange)``: position ``p`` goes to batch ``p // bs``; the
-position comes from each shard's ``id`` column) with ``groupby(...).map_groups`` on an actor pool.
-Each actor restores the base VLM (and, for evaluate, the method) once. Because every batch has
-the in-process composition, the features and the greedy generations are bit-identical to the
-in-process stage's, whatever actor computes them.
+Each actor restores what it needs once (the base VLM and its routing encoders; the method for
+evaluate and aggregate) and then processes whatever batches Ray Data streams to it.
 
-* aggregate — the actors build each training batch and compute its routing features (the costly
-  part: the vision tower and the sentence encoder) and return it as one row (the batch's tensors
-  as safetensors bytes). The stage then calls ``method.observe(batch, "aggregate")`` on the batches
-  in their in-process order, in ONE process, and ``end_task()``. ``observe`` is a cheap
-  accumulation (sums, counts, a scatter matrix), and the method interface has no merge of
-  partial statistics, so reducing in one place is both exact and method-agnostic.
+* aggregate — each actor computes the routing features of its rows (the costly part: the vision
+  tower and the sentence encoder), feeds them to its own copy of the method's
+  ``observe(batch, "aggregate")`` and returns the partial statistics that accumulated (per-expert
+  sums, counts, the within-task scatter: ``method.take_aggregate_statistics()``) as one row per
+  call. The stage merges the rows into its method (``merge_aggregate_statistics``) and calls
+  ``end_task()``. Sums do not depend on how the rows were batched beyond float rounding.
 * evaluate — the actors hold the restored model + method and run routing, greedy generation and
-  scoring per test batch of tasks 0..t (Ray Data batch inference); the stage gathers the scored
-  rows (small), writes ``predictions.jsonl`` in the in-process order and builds the same report.
+  scoring per batch of test rows of tasks 0..t; each row comes back with its record id, and the
+  stage writes ``predictions.jsonl`` in the in-process order (by the shards' id order) and builds
+  the same report.
+
+Batches here are not the in-process stage's batches; what may differ is float rounding in batched
+kernels (tests compare the two executors).
 """
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,96 +33,88 @@ from safetensors.torch import save as save_tensors
 
 from cram_ray.pipeline.context import StageContext, runtime, seed_everything
 from cram_ray.pipeline.ledger import StageResult
-from cram_ray.train.ingest import positions_of, records_of, shard_ids, shard_paths
+from cram_ray.train.ingest import records_of, shard_ids, shard_paths
 
-GROUP_STRIDE = 1 << 32  # group key = split index * stride + batch index
+AGGREGATE_CALLS_PER_ACTOR = 2  # partial-sum rows per actor: few, a D x D scatter each
 
 
-def add_groups(batch: dict[str, np.ndarray], positions: dict[str, int], split_index: int, batch_size: int) -> dict[str, np.ndarray]:
-    """Ray Data map_batches: each row's position and the in-process batch it belongs to."""
-    pos = np.array([positions[str(i)] for i in batch["id"]], dtype=np.int64)
-    batch["pos"] = pos
-    batch["split"] = np.full(len(pos), split_index, dtype=np.int64)
-    batch["group"] = split_index * GROUP_STRIDE + pos // batch_size
+def with_split(batch: dict[str, np.ndarray], split_index: int) -> dict[str, np.ndarray]:
+    """Ray Data map_batches: tag rows with the index of the split they come from."""
+    batch["split"] = np.full(len(batch["id"]), split_index, dtype=np.int64)
     return batch
 
 
 def split_dataset(ctx: StageContext, splits: list[tuple[int, str]]):
-    """The rows of ``(task, split)`` pairs, each with ``pos``, ``split`` (index in ``splits``), ``group``."""
+    """The rows of ``(task, split)`` pairs, each tagged with ``split`` (its index in ``splits``)."""
     import ray.data
 
     from cram_ray.pipeline.ray_cluster import quiet_data
 
     quiet_data()
     storage = ctx.storage
-    bs = ctx.cfg.train.eval_batch_size
     parts = []
     for k, (task, split) in enumerate(splits):
-        rel = ctx.shard_rel(task, split)
-        paths = shard_paths(storage, rel)
-        positions = positions_of(shard_ids(storage, paths), storage.path(rel))
-        ds = ray.data.read_parquet(paths, filesystem=storage.fs)
-        parts.append(ds.map_batches(add_groups, fn_kwargs={"positions": positions, "split_index": k, "batch_size": bs},
-                                    batch_format="numpy", batch_size=None))
+        ds = ray.data.read_parquet(shard_paths(storage, ctx.shard_rel(task, split)), filesystem=storage.fs)
+        parts.append(ds.map_batches(with_split, fn_kwargs={"split_index": k}, batch_format="numpy", batch_size=None))
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def _in_order(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    order = np.argsort(batch["pos"], kind="stable")
-    return {k: v[order] for k, v in batch.items()}
-
-
-def group_partitions(ctx: StageContext, splits: list[tuple[int, str]]) -> int:
-    """Hash partitions of the groupby: one per batch at most (Ray's default of 200 costs ~40 s of
-    task overhead on a small split), and a few per actor so the pool stays busy."""
-    bs = ctx.cfg.train.eval_batch_size
-    meta = {"train": lambda t: ctx.tasks[t].n_train, "test": lambda t: ctx.tasks[t].n_test}
-    batches = sum(-(-meta[split](task) // bs) for task, split in splits)
-    return max(1, min(batches, 4 * max(1, ctx.cfg.train.num_workers)))
-
-
 def _pool(ctx: StageContext, gpu: bool = False) -> dict[str, Any]:
-    """One actor per Train worker's worth of resources (a GPU each for generation on GPU clusters)."""
+    """An actor pool with one actor per Train worker's worth of resources (a GPU each on GPU clusters)."""
+    import ray.data
+
     train = ctx.cfg.train
-    pool: dict[str, Any] = {"concurrency": max(1, train.num_workers), "num_cpus": train.cpus_per_worker}
+    pool: dict[str, Any] = {"compute": ray.data.ActorPoolStrategy(size=max(1, train.num_workers)),
+                            "num_cpus": train.cpus_per_worker}
     if gpu and train.use_gpu:
         pool["num_gpus"] = 1
     return pool
 
 
-# -- aggregate -------------------------------------------------------------------------------
-class FeatureBatches:
-    """Actor: one in-process training batch per group, with its routing features, as one row."""
+def _restored(ctx: StageContext, task: int, stage: str):
+    from cram_ray.pipeline.stages import restore
 
-    def __init__(self, ctx_json: dict[str, Any], task: int, needs: list[str]) -> None:
+    rt = runtime(ctx)
+    model, method = restore(ctx, task, stage, rt, Path(tempfile.mkdtemp(prefix=f"cram-{stage}-")))
+    return rt, model, method
+
+
+# -- aggregate -------------------------------------------------------------------------------
+class PartialStatistics:
+    """Actor: the routing features of its rows, observed by its own copy of the method; returns the
+    partial statistics of each call as one row."""
+
+    def __init__(self, ctx_json: dict[str, Any], task: int) -> None:
         self.ctx = StageContext.from_json(ctx_json)
         self.task = task
-        self.needs = frozenset(needs)
-        self.rt = runtime(self.ctx)
+        self.rt, _, self.method = _restored(self.ctx, task, "aggregate")
+        self.ready = time.time()
 
-    def __call__(self, group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from cram_ray.models.features import add_routing_features
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from cram_ray.pipeline.stages import with_features
 
-        group = _in_order(group)
-        recs = records_of(group)
-        batch = self.rt.vlm.processor.train_batch(recs, [self.task] * len(recs))
+        recs = records_of(rows)
+        bs = self.ctx.cfg.train.eval_batch_size
         with torch.no_grad():
-            add_routing_features(batch, self.needs, self.rt.image_encoder, self.rt.text_encoder)
-        tensors = {k: v.contiguous() for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        other = {k: v for k, v in batch.items() if not isinstance(v, torch.Tensor)}
-        return {"group": np.array([int(group["group"][0])], dtype=np.int64),
-                "tensors": np.array([save_tensors(tensors)], dtype=object),
-                "other": np.array([json.dumps(other)], dtype=object)}
+            for a in range(0, len(recs), bs):
+                part = recs[a:a + bs]
+                batch = self.rt.vlm.processor.train_batch(part, [self.task] * len(part))
+                self.method.observe(with_features(batch, self.method, self.rt), "aggregate")
+        stats = self.method.take_aggregate_statistics()
+        return {"rows": np.array([len(recs)], dtype=np.int64), "stats": np.array([save_tensors(stats)], dtype=object),
+                "ready": np.array([self.ready])}
 
 
-def unpack_batch(row_tensors: bytes, row_other: str) -> dict[str, Any]:
-    batch: dict[str, Any] = dict(load_tensors(bytes(row_tensors)))
-    batch.update(json.loads(row_other))
-    return batch
+def aggregate_call_rows(ctx: StageContext, task: int) -> int:
+    """Rows per actor call: whole feature batches, a few calls per actor."""
+    bs = ctx.cfg.train.eval_batch_size
+    calls = AGGREGATE_CALLS_PER_ACTOR * max(1, ctx.cfg.train.num_workers)
+    batches = -(-ctx.tasks[task].n_train // bs)
+    return bs * max(1, -(-batches // calls))
 
 
 def stage_aggregate_ray(ctx: StageContext, task: int, workdir: Path) -> StageResult:
-    """stages.stage_aggregate with the feature pass on a Ray Data actor pool."""
+    """stages.stage_aggregate with the feature pass on a Ray Data actor pool, merged from partial sums."""
     from cram_ray.pipeline.stages import restore, save_state
 
     t0 = time.time()
@@ -129,15 +122,17 @@ def stage_aggregate_ray(ctx: StageContext, task: int, workdir: Path) -> StageRes
     model, method = restore(ctx, task, "aggregate", rt, workdir.parent)
     startup = time.time() - t0
     if method.needs_features:
-        splits = [(task, "train")]
-        out = split_dataset(ctx, splits).groupby("group", num_partitions=group_partitions(ctx, splits)).map_groups(
-            FeatureBatches, fn_constructor_kwargs={"ctx_json": ctx.to_json(), "task": task,
-                                                   "needs": sorted(method.needs_features)},
-            batch_format="numpy", **_pool(ctx))
-        rows = sorted(out.iter_rows(), key=lambda r: int(r["group"]))  # one small row per batch
-        with torch.no_grad():
-            for row in rows:
-                method.observe(unpack_batch(row["tensors"], row["other"]), "aggregate")
+        out = split_dataset(ctx, [(task, "train")]).map_batches(
+            PartialStatistics, fn_constructor_kwargs={"ctx_json": ctx.to_json(), "task": task},
+            batch_size=aggregate_call_rows(ctx, task), batch_format="numpy", **_pool(ctx))
+        seen, ready = 0, []
+        for row in out.iter_rows():
+            method.merge_aggregate_statistics([dict(load_tensors(bytes(row["stats"])))])
+            seen += int(row["rows"])
+            ready.append(float(row["ready"]))
+        startup = min(ready, default=t0) - t0  # until the first actor could compute: restores and the pool's start
+        if seen != ctx.tasks[task].n_train:
+            raise RuntimeError(f"aggregate: observed {seen} of task {task}'s {ctx.tasks[task].n_train} records")
     report = method.end_task()
     report["params_added"] = method.params_added()
     report["ranks"] = method.ranks()
@@ -147,30 +142,33 @@ def stage_aggregate_ray(ctx: StageContext, task: int, workdir: Path) -> StageRes
 
 # -- evaluate --------------------------------------------------------------------------------
 class Evaluator:
-    """Actor: the restored model + method; greedy answers and scores for one test batch per group."""
+    """Actor: the restored model + method; greedy answers and scores for every batch of test rows."""
 
     def __init__(self, ctx_json: dict[str, Any], task: int, splits: list[int]) -> None:
-        import tempfile
-
-        from cram_ray.pipeline.stages import restore
-
         self.ctx = StageContext.from_json(ctx_json)
-        self.task = task
         self.splits = splits  # split index -> task index
-        self.rt = runtime(self.ctx)
-        self.model, self.method = restore(self.ctx, task, "evaluate", self.rt, Path(tempfile.mkdtemp(prefix="cram-eval-")))
+        self.rt, self.model, self.method = _restored(self.ctx, task, "evaluate")
         seed_everything(self.ctx.cfg.train.seed, task, "evaluate")
         self.device = torch.device("cuda") if self.ctx.cfg.train.use_gpu else torch.device("cpu")
         self.model.to(self.device)
         self.vlm = replace(self.rt.vlm, model=self.model)
+        self.ready = time.time()
 
-    def __call__(self, group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list[Any]] = {"split": [], "id": [], "row": []}
+        for k in np.unique(rows["split"]):  # a batch may hold the end of one split and the start of the next
+            mine = rows["split"] == k
+            for row in self._answer(self.splits[int(k)], records_of({c: v[mine] for c, v in rows.items()})):
+                out["split"].append(int(k))
+                out["id"].append(row["id"])
+                out["row"].append(json.dumps(row))
+        return {"split": np.array(out["split"], dtype=np.int64), "id": np.array(out["id"], dtype=object),
+                "row": np.array(out["row"], dtype=object), "ready": np.full(len(out["id"]), self.ready)}
+
+    def _answer(self, i: int, recs) -> list[dict[str, Any]]:
         from cram_ray.eval.scorers import score
         from cram_ray.pipeline.stages import with_features
 
-        group = _in_order(group)
-        i = self.splits[int(group["split"][0])]
-        recs = records_of(group)
         batch = with_features(self.rt.vlm.processor.prompt_batch(recs, [i] * len(recs)), self.method, self.rt)
         if self.device.type != "cpu":
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -185,28 +183,33 @@ class Evaluator:
             if choice is not None:
                 row["routed_task"] = int(choice[j])
             rows.append(row)
-        return {"split": group["split"], "pos": group["pos"],
-                "row": np.array([json.dumps(r) for r in rows], dtype=object)}
+        return rows
 
 
 def stage_evaluate_ray(ctx: StageContext, task: int, workdir: Path) -> StageResult:
     """stages.stage_evaluate as Ray Data batch inference over the test sets of tasks 0..task."""
     t0 = time.time()
     splits = list(range(task + 1))
-    pairs = [(i, "test") for i in splits]
-    out = split_dataset(ctx, pairs).groupby("group", num_partitions=group_partitions(ctx, pairs)).map_groups(
+    out = split_dataset(ctx, [(i, "test") for i in splits]).map_batches(
         Evaluator, fn_constructor_kwargs={"ctx_json": ctx.to_json(), "task": task, "splits": splits},
-        batch_format="numpy", **_pool(ctx, gpu=True))
-    got = sorted(((int(r["split"]), int(r["pos"]), json.loads(r["row"])) for r in out.iter_rows()),
-                 key=lambda x: x[:2])
-    startup = 0.0  # the actors' model restore overlaps the reads; it is part of the pass
+        batch_size=ctx.cfg.train.eval_batch_size, batch_format="numpy", **_pool(ctx, gpu=True))
+    by_id: dict[tuple[int, str], dict[str, Any]] = {}
+    ready = []
+    for r in out.iter_rows():
+        by_id[(int(r["split"]), str(r["id"]))] = json.loads(r["row"])
+        ready.append(float(r["ready"]))
+    startup = min(ready, default=t0) - t0  # until the first actor could answer: the pool's start and restores
     row: list[float] = []
     confusion: list[list[int]] = []
     with open(workdir / "predictions.jsonl", "w") as fh:
         for i in splits:
-            rows = [r for s, _, r in got if s == i]
-            if len(rows) != ctx.tasks[i].n_test:
-                raise RuntimeError(f"evaluate: task {i} produced {len(rows)} predictions for {ctx.tasks[i].n_test} records")
+            storage = ctx.storage
+            ids = shard_ids(storage, shard_paths(storage, ctx.shard_rel(i, "test")))  # the in-process order
+            missing = [rid for rid in ids if (i, rid) not in by_id]
+            if missing or len(ids) != ctx.tasks[i].n_test:
+                raise RuntimeError(f"evaluate: task {i} has no prediction for {len(missing)} of its "
+                                   f"{len(ids)} test records (first: {missing[:1]})")
+            rows = [by_id[(i, rid)] for rid in ids]
             for r in rows:
                 fh.write(json.dumps(r) + "\n")
             row.append(100.0 * float(np.mean([r["score"] for r in rows])))

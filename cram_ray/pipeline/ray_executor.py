@@ -6,8 +6,8 @@
   launches the run and returns the probe's result, and the driver's following calls for
   ``allocate`` and ``train`` return what the same run already committed. With ``fuse=False``
   probe and train are separate Train runs and allocate a CPU task.
-* aggregate, evaluate — Ray Data passes on an actor pool (cram_ray/pipeline/ray_data_stages.py),
-  coordinated by a Ray task.
+* aggregate, evaluate — Ray Data batch inference (``map_batches`` on an actor pool,
+  cram_ray/pipeline/ray_data_stages.py), coordinated by a Ray task.
 * every coordinating task is ``@ray.remote(max_retries=train.stage_retries, retry_exceptions=True)``;
   stage outputs are idempotent (written to a scratch directory, committed with a marker last).
 
@@ -130,7 +130,12 @@ class RayExecutor:
         # a Ray Data coordinator mostly waits on its actor pool: it takes no CPU slot of its own
         fn = self._remote(_stage_task, num_cpus=0 if on_ray_data else 1)
         threads = torch.get_num_threads()
-        return StageResult.from_json(ray.get(fn.remote(ctx.to_json(), task, stage, on_ray_data, threads)))
+        t0 = time.time()
+        result = StageResult.from_json(ray.get(fn.remote(ctx.to_json(), task, stage, on_ray_data, threads)))
+        # the difference to the stage's own seconds is scheduling, process start and the commit
+        self.log(f"[ray] task {task} {stage}: {time.time() - t0:.1f}s on the driver, the stage timed "
+                 f"{result.seconds:.1f}s of which {result.startup_seconds:.1f}s start-up")
+        return result
 
     def _train_run(self, ctx: StageContext, task: int, stage: str) -> StageResult:
         from cram_ray.train.trainer import run_fused

@@ -1,18 +1,29 @@
-"""Ray Data ingest of a task's training shards: the in-process batch order, streamed to Train workers.
+"""Ray Data ingest of a task's training shards into the Train workers.
 
-The in-process stages draw a task's training batches from ``stages.train_stream``: per epoch ``e``
-a permutation ``default_rng([seed, task, e, len(salt)])`` of the records (in ``read_shards`` order),
-cut into full batches of ``min(batch_size, n)``; the probe and the train stage each start at epoch 0.
-:class:`StreamPlan` reproduces that sequence as data: every record is expanded into one row per
-place it takes in the stream (``seq``), the rows are sorted by ``seq`` (a Ray Data sort: a seeded
-global shuffle that happens to equal the local one), decoded and tokenised in ``map_batches``,
-and each data-parallel rank receives, via :class:`RankSplit`, the rows of its share of every
-global batch (``dp_rank``). One worker therefore trains on exactly the local batches; W workers
-each take ``batch_size / W`` consecutive samples of every local batch. The driver never reads the
-data: only each shard's ``id`` column is read, where the plan is built (``id -> position``).
+Two modes (``train.ingest``):
 
-Padding happens per micro-batch in the worker (:func:`collate_train`), exactly as
-``VLMProcessor.train_batch`` pads a batch (tests/train/test_ingest.py checks equality).
+* ``stream`` (default): the task's shards are read once, decoded and tokenised in ``map_batches``,
+  and handed to the workers by Ray Train's own ``DataConfig`` (``streaming_split(W, equal=True)``,
+  order preserved, so which rows reach which rank is fixed by the data's block layout). Every epoch
+  each rank draws ``(n // W) // micro`` micro-batches from its rows through a seeded local shuffle
+  (``iter_torch_batches(local_shuffle_seed=...)``, seed from (seed, task, epoch, rank)); step ``g`` of
+  the fused run is batch ``g % per_epoch`` of epoch ``g // per_epoch`` (:class:`ShardStream`), so a
+  restarted run jumps to its step without replaying earlier epochs. Guarantees: every epoch the ranks
+  draw equal numbers of batches whose union is the task's data (at most ``W * micro - 1`` rows of it
+  left out, never a row twice), and the sequence is deterministic given the seed, the world size and
+  the shards; it is not the in-process executor's sequence.
+* ``exact``: the in-process executor's batches bit for bit, for tests. ``stages.train_stream``
+  draws per epoch ``e`` a permutation ``default_rng([seed, task, e, len(salt)])`` of the records
+  (in ``read_shards`` order), cut into full batches of ``min(batch_size, n)``; the probe and the
+  train stage each start at epoch 0. :class:`StreamPlan` reproduces that sequence as data: every
+  record is expanded into one row per place it takes in the stream (``seq``), the rows are sorted by
+  ``seq``, decoded and tokenised in ``map_batches``, and each data-parallel rank receives, via
+  ``trainer.RankSplit``, the rows of its share of every global batch (``dp_rank``). Each rank reads
+  and sorts the whole task, which is what makes this mode slower. Only each shard's ``id`` column is
+  read by the driver, where the plan is built (``id -> position``).
+
+Padding happens per micro-batch (:func:`collate_train`), exactly as ``VLMProcessor.train_batch``
+pads a batch (tests/train/test_ingest.py checks equality).
 """
 from __future__ import annotations
 
@@ -96,6 +107,8 @@ class StreamPlan:
     seed: int
     task: int
     phases: list[Phase] = field(default_factory=list)
+    mode: str = "exact"  # train.ingest
+    shuffle_buffer: int = 0  # stream mode: rows a rank shuffles at a time (0: the rank's whole share)
 
     def __post_init__(self) -> None:
         self.phases = [p if isinstance(p, Phase) else Phase(**p) for p in self.phases]
@@ -106,10 +119,10 @@ class StreamPlan:
 
     @classmethod
     def build(cls, *, n: int, batch_size: int, world_size: int, seed: int, task: int,
-              phases: Sequence[Phase]) -> "StreamPlan":
+              phases: Sequence[Phase], mode: str = "exact", shuffle_buffer: int = 0) -> "StreamPlan":
         if n < 1:
             raise DataError(f"task {task}: the training split is empty")
-        return cls(n, min(batch_size, n), world_size, seed, task, list(phases))
+        return cls(n, min(batch_size, n), world_size, seed, task, list(phases), mode, shuffle_buffer)
 
     @property
     def micro(self) -> int:
@@ -132,6 +145,24 @@ class StreamPlan:
 
     def offset(self, phase: int) -> int:
         return sum(self.rows_of(i) for i in range(phase))
+
+    # -- stream mode -----------------------------------------------------------------------
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches every rank draws per epoch: ``streaming_split(equal=True)`` gives each rank
+        ``n // W`` rows; full micro-batches only (``W * micro <= n``, so at least one)."""
+        return (self.n // self.world_size) // self.micro
+
+    def step_index(self, phase: int, step: int) -> int:
+        """Place of ``(phase, step)`` in the fused run's sequence of steps."""
+        return self.offset(phase) // self.batch_size + step
+
+    def shuffle_seed(self, epoch: int, rank: int) -> int:
+        return zlib.crc32(json.dumps([self.seed, self.task, epoch, rank]).encode())
+
+    def shuffle_rows(self) -> int:
+        per_rank = self.n // self.world_size
+        return min(per_rank, self.shuffle_buffer) if self.shuffle_buffer else per_rank
 
     def assignments(self) -> tuple[np.ndarray, np.ndarray]:
         """(position, seq) of every planned sample, ``seq`` = place in the fused run's stream."""
@@ -279,3 +310,84 @@ def collate_train(batch: dict[str, np.ndarray], *, pad_id: int, pixel_dtype: Any
         "has_image": torch.tensor(np.asarray(batch["has_image"], dtype=bool)),
         "instruction": [str(s) for s in batch["instruction"]],
     }
+
+
+def merge_collated(parts: Sequence[dict[str, Any]], *, pad_id: int, ignore_index: int = -100) -> dict[str, Any]:
+    """Collated micro-batches -> the collated batch of all their rows (what :func:`collate_train`
+    makes of the concatenated rows): token columns re-padded on the right to the longest sample."""
+    import torch
+
+    if len(parts) == 1:
+        return parts[0]
+    length = max(p["input_ids"].shape[1] for p in parts)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": ignore_index}
+    out: dict[str, Any] = {}
+    for key, value in fill.items():
+        out[key] = torch.cat([torch.nn.functional.pad(p[key], (0, length - p[key].shape[1]), value=value)
+                              for p in parts])
+    for key in ("pixel_values", "task_index", "has_image"):
+        out[key] = torch.cat([p[key] for p in parts])
+    out["instruction"] = [s for p in parts for s in p["instruction"]]
+    return out
+
+
+def _collate_class():
+    """A Ray ``NumpyBatchCollateFn`` running :func:`collate_train` in Ray Data's formatting threads."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class TrainCollate(NumpyBatchCollateFn):
+        def __init__(self, pad_id: int, pixel_dtype: Any) -> None:
+            self.pad_id, self.pixel_dtype = pad_id, pixel_dtype
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+            return collate_train(batch, pad_id=self.pad_id, pixel_dtype=self.pixel_dtype)
+
+    return TrainCollate
+
+
+class ShardStream:
+    """A rank's collated micro-batches of the stream ingest, addressed by ``(phase, step)``.
+
+    ``take`` returns a list of batches in rank order: this rank's only, or, in a shared phase,
+    every rank's (gathered from the other ranks: a collective, called by every rank at every step).
+    """
+
+    def __init__(self, shard: Any, plan: StreamPlan, rank: int, *, pad_id: int, pixel_dtype: Any,
+                 prefetch: int = 4) -> None:
+        self.shard, self.plan, self.rank = shard, plan, rank
+        self.collate = _collate_class()(pad_id, pixel_dtype)
+        self.pad_id, self.prefetch = pad_id, prefetch
+        self.epoch: Optional[int] = None
+        self.position = 0  # batches of the current epoch drawn so far
+        self._batches: Any = None
+
+    def _start(self, epoch: int) -> None:
+        if self._batches is not None:
+            for _ in self._batches:  # the split's epochs run in lockstep: finish this one first
+                pass
+        self._batches = iter(self.shard.iter_torch_batches(
+            batch_size=self.plan.micro, drop_last=True, prefetch_batches=self.prefetch, device="cpu",
+            collate_fn=self.collate, local_shuffle_buffer_size=self.plan.shuffle_rows(),
+            local_shuffle_seed=self.plan.shuffle_seed(epoch, self.rank)))
+        self.epoch, self.position = epoch, 0
+
+    def take(self, phase: int, step: int) -> list[dict[str, Any]]:
+        epoch, index = divmod(self.plan.step_index(phase, step), self.plan.batches_per_epoch)
+        if self.epoch != epoch or self.position > index:
+            self._start(epoch)
+        try:
+            while self.position < index:  # a resumed fit skips what its earlier attempt trained on
+                next(self._batches)
+                self.position += 1
+            mine = next(self._batches)
+        except StopIteration:
+            raise RuntimeError(f"rank {self.rank}: epoch {epoch} of the training data ended after "
+                               f"{self.position} of {self.plan.batches_per_epoch} batches") from None
+        self.position += 1
+        if not self.plan.phases[phase].shared:
+            return [mine]
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.plan.world_size
+        dist.all_gather_object(parts, mine)
+        return parts

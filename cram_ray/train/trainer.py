@@ -4,9 +4,10 @@
 ``cpus_per_worker`` / ``use_gpu``; ``RunConfig`` under ``<storage>/<run_id>/train_runs`` with the
 name ``task_<t>`` (stable, so a rerun of the driver continues the same Train run and its
 checkpoints); ``FailureConfig(max_failures=train.max_failures)``; and ``datasets={"train": ...}``:
-the task's training shards read with ``ray.data.read_parquet``, expanded into the in-process batch
-order and sorted (cram_ray/train/ingest.py). :class:`RankSplit` hands each worker its rows and
-appends the decode + tokenise ``map_batches``, so each rank only decodes what it trains on.
+the task's training shards read with ``ray.data.read_parquet``. With ``train.ingest: stream`` they
+are decoded and tokenised once (materialised when small) and split over the workers by Ray
+Train's ``DataConfig`` (``streaming_split``, order preserved); with ``exact`` they are expanded into the in-process batch
+order and sorted, and :class:`RankSplit` hands each worker its planned rows (cram_ray/train/ingest.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 import time
 from typing import Any, Optional
 
+from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -34,6 +36,7 @@ from cram_ray.train.worker import FAULT_KEY, FIT_PHASES, train_loop_per_worker
 FAULT_ENV = "CRAM_RAY_FAULT"  # JSON {"stage", "step", "rank", "flag"}: tests kill a worker once
 RUNS_DIR = "train_runs"
 ROWS_PER_PARTITION = 512  # sorted rows per shuffle partition (a partition carries the images)
+CACHE_FRACTION = 0.25  # stream ingest: materialise a task's decoded rows up to this share of the object store
 
 
 def run_name(task: int) -> str:
@@ -87,12 +90,39 @@ def plan_for(ctx: StageContext, task: int, stages: list[str], n: int) -> StreamP
     ]
     assert [p.name for p in phases] == list(FIT_PHASES)
     return StreamPlan.build(n=n, batch_size=train.batch_size, world_size=workers, seed=train.seed, task=task,
-                            phases=phases)
+                            phases=phases, mode=train.ingest, shuffle_buffer=train.shuffle_buffer)
+
+
+def decoded_bytes(ctx: StageContext, task: int) -> int:
+    """Rough size of a task's decoded training rows: float32 pixels dominate (token ids are small)."""
+    size = ctx.cfg.model.image_size
+    return ctx.tasks[task].n_train * (3 * size * size * 4 + 8 * (ctx.cfg.data.max_text_len + ctx.cfg.data.max_answer_len))
+
+
+def stream_dataset(ctx: StageContext, task: int, plan_stages: list[str], source: str):
+    """(dataset, plan) of the stream ingest: the task's rows read once, decoded and tokenised.
+
+    Every epoch of a streaming split re-executes its dataset; when the decoded rows take at most
+    ``CACHE_FRACTION`` of the object store they are materialised once (Ray Data's advice for data
+    that fits), so later epochs only hand out blocks. Larger tasks stream every epoch.
+    """
+    import ray
+    import ray.data
+
+    storage = ctx.storage
+    paths = shard_paths(storage, ctx.shard_rel(task, "train"))
+    plan = plan_for(ctx, task, plan_stages, ctx.tasks[task].n_train)
+    ds = ray.data.read_parquet(paths, filesystem=storage.fs)
+    ds = ds.map_batches(encode_rows, fn_kwargs={"source": source, "task": task}, batch_format="numpy", batch_size=64)
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    if decoded_bytes(ctx, task) <= CACHE_FRACTION * store:
+        ds = ds.materialize()
+    return ds, plan
 
 
 def train_dataset(ctx: StageContext, task: int, plan_stages: list[str]):
-    """(dataset, plan): the task's training rows in the fused run's order (lazy; nothing is read here
-    but the ``id`` column, to place every record in the plan)."""
+    """(dataset, plan) of the exact ingest: the task's training rows in the fused run's order (lazy;
+    nothing is read here but the ``id`` column, to place every record in the plan)."""
     import ray.data
 
     storage = ctx.storage
@@ -118,7 +148,13 @@ def sort_boundaries(rows: int, per_partition: int = ROWS_PER_PARTITION) -> list[
 def make_trainer(ctx: StageContext, task: int, stages: list[str], source: str) -> tuple[TorchTrainer, StreamPlan]:
     """The TorchTrainer of one fused run over ``stages`` (a suffix of probe, allocate, train)."""
     train = ctx.cfg.train
-    ds, plan = train_dataset(ctx, task, stages)
+    if train.ingest == "stream":
+        ds, plan = stream_dataset(ctx, task, stages, source)
+        # order preserved: which rows reach which rank follows the block layout, not timing
+        data_config = DataConfig(execution_options=ExecutionOptions(preserve_order=True))
+    else:
+        ds, plan = train_dataset(ctx, task, stages)
+        data_config = RankSplit(source, task)
     config: dict[str, Any] = {"ctx": ctx.to_json(), "task": task, "stages": stages, "plan": plan.to_json()}
     if os.environ.get(FAULT_ENV):
         config[FAULT_KEY] = json.loads(os.environ[FAULT_ENV])
@@ -135,7 +171,7 @@ def make_trainer(ctx: StageContext, task: int, stages: list[str], source: str) -
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": ds},
-        dataset_config=RankSplit(source, task),
+        dataset_config=data_config,
     )
     return trainer, plan
 

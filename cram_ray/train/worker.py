@@ -8,7 +8,7 @@ Every rank runs :func:`train_loop_per_worker`. For each sub-stage of the run, in
    (fresh base copy, adapters attached, the previous stage's state loaded from storage);
 3. the stage body is the in-process one (``stages.run_probe`` / ``run_allocate`` / ``run_train``),
    given a DeepSpeed-driven ``fit`` (cram_ray/train/fit.py) and this rank's batches from the
-   Ray Data shard (``ray.train.get_dataset_shard("train")``, planned by cram_ray/train/ingest.py);
+   Ray Data shard (``ray.train.get_dataset_shard("train")``, drawn as cram_ray/train/ingest.py says);
 4. rank 0 saves the state (safetensors + JSON) and commits it with its marker through
    ``Ledger.commit``, then all ranks meet at a barrier before the next sub-stage restores it.
 
@@ -39,7 +39,7 @@ from cram_ray.methods.base import Batch, ContinualMethod
 from cram_ray.pipeline.context import StageContext, runtime
 from cram_ray.pipeline.ledger import StageResult
 from cram_ray.train.fit import FitProgress, Stepper, engine_fit
-from cram_ray.train.ingest import StreamPlan, collate_train
+from cram_ray.train.ingest import ShardStream, StreamPlan, collate_train, merge_collated
 
 FUSED_STAGES = ("probe", "allocate", "train")
 FIT_PHASES = {"probe": 0, "train": 1}  # sub-stage -> phase index of the StreamPlan
@@ -49,7 +49,7 @@ FAULT_KEY = "fault"  # train_loop_config key: {"stage", "step", "rank", "flag"}:
 
 # -- the data of this rank -------------------------------------------------------------------
 class RowStream:
-    """This rank's encoded rows, one micro-batch at a time, addressed by (phase, step).
+    """This rank's encoded rows of the exact ingest, one micro-batch at a time, addressed by (phase, step).
 
     A background thread pulls from Ray Data from construction on, so the pipeline's start (its
     tasks' processes import torch and the processor) overlaps the worker's own model loading.
@@ -115,11 +115,14 @@ class PhaseBatches:
     trains on its own share and ``observer`` sees the whole batch, as in the in-process loop.
     """
 
-    def __init__(self, stream: RowStream, phase: int, *, rank: int, shared: bool, start: int,
-                 collate: Callable[[dict[str, np.ndarray]], Batch], features: Callable[[Batch], Batch]) -> None:
+    def __init__(self, stream: Any, phase: int, *, rank: int, shared: bool, start: int,
+                 collate: Callable[[Any], Batch], features: Callable[[Batch], Batch],
+                 merge: Optional[Callable[[list[Any]], Batch]] = None) -> None:
         self.stream, self.phase, self.rank, self.shared = stream, phase, rank, shared
         self.step = start
         self.collate, self.features = collate, features
+        # the whole global batch of a shared step, from every rank's part
+        self.merge = merge or (lambda parts: collate(_concat(parts)))
         self.observer: Optional[Callable[[Batch], None]] = None
         self.wait = 0.0  # seconds spent waiting for Ray Data
         self.prepare = 0.0  # seconds spent padding and computing routing features
@@ -142,16 +145,15 @@ class PhaseBatches:
         if self.shared:
             if self.observer is not None:
                 with torch.no_grad():
-                    self.observer(self.features(self.collate(_concat(parts))))
-            mine = parts[self.rank]
-        else:
-            if len(parts) != 1:
-                raise RuntimeError(f"expected one micro-batch per step, got {len(parts)}")
-            mine = parts[0]
-            if self.observer is not None:
-                with torch.no_grad():
-                    self.observer(self.features(self.collate(mine)))
-        return self.features(self.collate(mine))
+                    self.observer(self.features(self.merge(parts)))
+            return self.features(self.collate(parts[self.rank]))
+        if len(parts) != 1:
+            raise RuntimeError(f"expected one micro-batch per step, got {len(parts)}")
+        batch = self.features(self.collate(parts[0]))
+        if self.observer is not None:  # the batch it trains on, as fit_steps observes it
+            with torch.no_grad():
+                self.observer(batch)
+        return batch
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -207,10 +209,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise RuntimeError(f"the data was planned for {plan.world_size} workers, the run has {world_size}")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     shard = ray.train.get_dataset_shard("train")
-    stream = RowStream(shard.iter_batches(batch_size=plan.micro, batch_format="numpy", prefetch_batches=2))
+    if plan.mode == "exact":
+        stream = RowStream(shard.iter_batches(batch_size=plan.micro, batch_format="numpy", prefetch_batches=2))
     rt = runtime(ctx)
     processor = rt.vlm.processor
     pixel_dtype = next(rt.vlm.model.parameters()).dtype
+    if plan.mode == "exact":
+        collate, merge = (lambda rows: collate_train(rows, pad_id=processor.text.pad_id, pixel_dtype=pixel_dtype)), None
+    else:
+        stream = ShardStream(shard, plan, rank, pad_id=processor.text.pad_id, pixel_dtype=pixel_dtype)
+        collate, merge = (lambda batch: batch), (lambda parts: merge_collated(parts, pad_id=processor.text.pad_id))
     device = ray.train.torch.get_device() if ctx.cfg.train.use_gpu else torch.device("cpu")
     resume = _resume_point(ray.train.get_checkpoint())
     startup = time.time() - t_start
@@ -241,7 +249,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     log(f" {stage}: resuming at step {start_step} from {resume['path']}")
                 batches = PhaseBatches(
                     stream, phase, rank=rank, shared=plan.phases[phase].shared, start=start_step,
-                    collate=lambda rows: collate_train(rows, pad_id=processor.text.pad_id, pixel_dtype=pixel_dtype),
+                    collate=collate, merge=merge,
                     features=lambda b, m=method: to_device(with_features(b, m, rt), device),
                 )
                 fit = _ray_fit(ctx, task, stage, rank, fingerprint, batches, start_dir, config.get(FAULT_KEY), log)
@@ -256,10 +264,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 workdir = scratch / "out"
                 workdir.mkdir()
                 save_state(method, workdir)
-                # startup of the first sub-stage includes the worker's own start (runtime, data)
+                # startup of the first sub-stage includes the worker's own start (runtime, data); time
+                # the steps waited for data is not compute either
                 first = stage == stages[0]
+                idle = (t_restored - t0) + timings.get(f"{stage}_data_wait", 0.0)
                 result = StageResult(stage, task, report, seconds + (startup if first else 0.0),
-                                     (t_restored - t0) + (startup if first else 0.0))
+                                     idle + (startup if first else 0.0))
                 ctx.ledger.commit(result, workdir)
                 log(f" {stage}: committed in {seconds:.1f}s")
             barrier()

@@ -32,7 +32,7 @@ OUTPUTS = ("state.safetensors", "state.json", "predictions.jsonl")
 def _run(out, cache_dir, executor):
     argv = ["--config", SMOKE, "--executor", executor, "--out", str(out), "--run-id", "p",
             "--set", f"data.cache_dir={cache_dir}", "--set", "tracking.enabled=false",
-            "--set", "data.builtin.tasks=[count,compose]"]
+            "--set", "data.builtin.tasks=[count,compose]", "--set", "train.ingest=exact"]
     assert stream.main(argv) == 0
     return json.loads((out / "summary.json").read_text())
 

@@ -144,3 +144,31 @@ def test_encode_then_collate_equals_the_processor_train_batch():
     part = {k: v[2:5] for k, v in encoded.items()}
     assert torch.equal(collate_train(part, pad_id=proc.text.pad_id)["input_ids"],
                        proc.train_batch(recs[2:5], [3] * 3)["input_ids"])
+
+
+def test_stream_plan_addresses_steps_across_epochs_and_phases():
+    plan = StreamPlan.build(n=29, batch_size=6, world_size=2, seed=0, task=1, mode="stream",
+                            phases=[Phase("probe", 2, "probe"), Phase("train", 9, "train")])
+    assert plan.micro == 3 and plan.batches_per_epoch == 14 // 3  # each rank holds 29 // 2 rows
+    assert [plan.step_index(0, s) for s in range(2)] + [plan.step_index(1, s) for s in range(9)] == list(range(11))
+    assert plan.shuffle_rows() == 14  # unbounded buffer: the rank's whole share
+    assert StreamPlan.from_json(plan.to_json()) == plan
+    seeds = {plan.shuffle_seed(e, r) for e in range(3) for r in range(2)}
+    assert len(seeds) == 6 and plan.shuffle_seed(2, 1) == StreamPlan.from_json(plan.to_json()).shuffle_seed(2, 1)
+
+
+def test_merged_micro_batches_equal_the_collated_rows_of_the_whole_batch():
+    from cram_ray.train.ingest import merge_collated
+
+    proc = _processor()
+    recs = _records(9)
+    table = records_table(recs)
+    batch = {k: np.array(table.column(k).to_pylist(), dtype=object) for k in table.column_names}
+    encoded = encode_rows(batch, json.dumps({"settings": proc.settings()}, sort_keys=True), task=0)
+    parts = [collate_train({k: v[a:b] for k, v in encoded.items()}, pad_id=proc.text.pad_id)
+             for a, b in ((0, 3), (3, 6), (6, 9))]
+    assert len({p["input_ids"].shape[1] for p in parts}) > 1  # the parts were padded differently
+    got, want = merge_collated(parts, pad_id=proc.text.pad_id), collate_train(encoded, pad_id=proc.text.pad_id)
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert torch.equal(value, got[key]) if isinstance(value, torch.Tensor) else value == got[key], key

@@ -140,6 +140,16 @@ class Cram(ContinualMethod):
         else:
             raise ValueError(f"Cram.observe: unknown phase {phase!r}")
 
+    def take_aggregate_statistics(self) -> dict[str, torch.Tensor]:
+        out = {**self.agg_txt.to_tensors("agg_txt"), **self.agg_img.to_tensors("agg_img")}
+        self.agg_txt, self.agg_img = FeatureMoments(full=self.agg_txt.full), FeatureMoments(full=self.agg_img.full)
+        return out
+
+    def merge_aggregate_statistics(self, parts: list[dict[str, torch.Tensor]]) -> None:
+        for part in parts:
+            for key, mom in (("agg_txt", self.agg_txt), ("agg_img", self.agg_img)):
+                mom.merge(FeatureMoments.from_tensors(part, key, mom.full))
+
     def end_probe(self) -> dict[str, Any]:
         self._require(Stage.PROBING, "end_probe")
         self.mode = None

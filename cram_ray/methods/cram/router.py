@@ -85,6 +85,44 @@ class FeatureMoments:
         sum_ab = float(m @ self.s3)  # sum ||y||^2 y.m
         return self.s4 + 4 * sum_b2 + self.n * c * c - 4 * sum_ab + 2 * c * self.sq - 4 * c * sum_b
 
+    def merge(self, other: "FeatureMoments") -> None:
+        """Add the rows ``other`` accumulated, as if :meth:`add` had seen them here.
+
+        ``other``'s raw moments are about its own shift; with ``d = other.shift - self.shift`` the
+        rows are ``y + d`` about ours, and each sum expands in ``other``'s sums.
+        """
+        if other.n == 0:
+            return
+        if self.shift is None:
+            self.shift, self.s1 = other.shift.clone(), torch.zeros_like(other.shift)
+            if self.full:
+                self.s2 = torch.zeros_like(other.s2)
+                self.s3 = torch.zeros_like(other.s3)
+        d = other.shift - self.shift
+        c = float(d @ d)
+        d_s1 = float(d @ other.s1)
+        sq = other.sq + 2 * d_s1 + other.n * c  # sum ||y + d||^2
+        if self.full:
+            s2d = other.s2 @ d
+            self.s2 += other.s2 + torch.outer(other.s1, d) + torch.outer(d, other.s1) + other.n * torch.outer(d, d)
+            self.s3 += other.s3 + 2 * s2d + c * other.s1 + sq * d
+            self.s4 += (other.s4 + 4 * float(d @ s2d) + other.n * c * c + 4 * float(d @ other.s3)
+                        + 2 * c * other.sq + 4 * c * d_s1)
+        self.s1 += other.s1 + other.n * d
+        self.sq += sq
+        self.n += other.n
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The moments as tensors only (scalars 0-d): partial statistics that cross processes."""
+        t, meta = self.state(prefix)
+        t.update({f"{prefix}.{k}": torch.tensor(float(meta.get(k, 0.0)), dtype=torch.float64) for k in ("n", "sq", "s4")})
+        return t
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, full: bool) -> "FeatureMoments":
+        meta = {k: float(tensors[f"{prefix}.{k}"]) for k in ("n", "sq", "s4")}
+        return cls.from_state(tensors, {**meta, "full": full}, prefix)
+
     def state(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if self.shift is None:
             return {}, {"n": 0.0, "full": self.full}
