@@ -12,9 +12,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def process_group():
-    """DeepSpeed wants the env:// variables even when the group already exists."""
+    """DeepSpeed wants the env:// variables even when the group already exists. One group for the
+    session: DeepSpeed caches the world group it first sees, so a destroyed and re-created group
+    would leave later engines holding an unregistered one."""
     port = _free_port()
     saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
