@@ -1,13 +1,16 @@
-"""Stage 0: the tiny VLM's base, pretrained once on a generic caption/QA mix and cached on disk.
+"""Stage 0: the tiny VLM's base, pretrained on a generic caption/QA mix, shipped or cached on disk.
 
 The stream's experts learn task skills and answer formats on top of a frozen base, so the base must
 already see the visual concepts the tasks ask about (colours, shapes, counts, digits, words,
-positions; DESIGN §6). :func:`get_base_vlm` builds the compact tokenizer, then looks for
-``<cache_dir>/base/<key>/`` where ``key`` hashes everything that decides the weights (architecture,
-base-training settings, text budget, vocabulary, the mix). When absent it pretrains every parameter
-with AdamW (linear warm-up, cosine decay), measures greedy exact match on held-out mix records, and
-publishes the result atomically: written to a temporary directory, then renamed, under a file lock
-so concurrent processes train it once. :func:`build_vlm` is what the pipeline calls.
+positions; DESIGN §6). Every tiny base shares one packaged vocabulary (:func:`base_tokenizer`), so
+no benchmark decides a base. :func:`get_base_vlm` hashes everything that decides the weights
+(recipe version, architecture, base-training settings, text budget, vocabulary, the mix) into a key,
+then serves the base shipped under ``cram_ray/assets/bases/`` with that key (its SHA-256 checked),
+else ``<cache_dir>/base/<key>/``; when neither exists it pretrains every parameter with AdamW
+(linear warm-up, cosine decay), measures greedy exact match on held-out mix records, and publishes
+the result atomically: written to a temporary directory, then renamed, under a file lock so
+concurrent processes train it once. :func:`retrain` writes a new shipped base; :func:`build_vlm`
+is what the pipeline calls.
 """
 from __future__ import annotations
 
