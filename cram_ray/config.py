@@ -95,7 +95,7 @@ class BaseTrainConfig:
     vision_steps: int = 6000  # stage 0a: the vision tower alone answers the mix's short questions first
     vision_samples: int = 60000  # the first N mix records train stage 0a (the VLM stage's are the first `samples`; 6000 overfit: 0.02 train loss, 35% held-out)
     vision_lr: float = 1e-3
-    text_samples: int = 2000  # text-only "Repeat after me" records added to the VLM stage: every vocabulary token is written at least once
+    text_samples: int = 6000  # text-only "Repeat after me" records added to the VLM stage: every vocabulary token is written at least once, a quarter spell rare words in bytes
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -63,7 +63,7 @@ class Arch:
         return self.hidden // self.heads * self.kv_heads
 
 
-TINY_VOCAB = 8192  # the compact tokenizer's size is only known once the corpus is; an upper bound
+TINY_VOCAB = 4096  # the packaged vocabulary of the tiny bases (cram_ray/assets/bases/vocabulary.json)
 
 
 def arch_of(cfg: StreamConfig) -> Arch:

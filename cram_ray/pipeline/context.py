@@ -103,13 +103,12 @@ class Runtime:
 
 
 @lru_cache(maxsize=2)
-def _runtime_cached(cfg_json: str, corpus_path: str) -> Runtime:
+def _runtime_cached(cfg_json: str) -> Runtime:
     from cram_ray.models.base import build_vlm
     from cram_ray.models.features import ImageRoutingEncoder, TextRoutingEncoder
 
     cfg = from_dict(json.loads(cfg_json))
-    corpus = json.loads(Path(corpus_path).read_text()) if corpus_path else []
-    vlm = build_vlm(cfg, corpus)
+    vlm = build_vlm(cfg)
     image_enc = ImageRoutingEncoder(vlm, layers=cfg.model.routing_image_layers)
     text_enc = TextRoutingEncoder(cfg.model.text_encoder)
     return Runtime(vlm, image_enc, text_enc)
@@ -117,17 +116,9 @@ def _runtime_cached(cfg_json: str, corpus_path: str) -> Runtime:
 
 def runtime(ctx: StageContext) -> Runtime:
     """The process-wide runtime for this config (built once, then reused by every stage)."""
-    model_part = {"model": dataclasses.asdict(ctx.cfg.model), "data": dataclasses.asdict(ctx.cfg.data)}
-    storage = ctx.storage
-    corpus = storage.local_path(f"{ctx.run_id}/data/corpus.json")
-    if corpus is None:  # remote storage: fetch the small corpus file once per process
-        local = Path(ctx.cfg.data.cache_dir).expanduser() / "corpus" / config_hash(model_part)
-        local.mkdir(parents=True, exist_ok=True)
-        (local / "corpus.json").write_bytes(storage.read_bytes(f"{ctx.run_id}/data/corpus.json"))
-        corpus = local / "corpus.json"
     # only the model/data parts of the config decide the base: other keys must not rebuild it
     base_cfg = StreamConfig(model=ctx.cfg.model, data=ctx.cfg.data).to_dict()
-    return _runtime_cached(json.dumps(base_cfg, sort_keys=True), str(corpus) if corpus.exists() else "")
+    return _runtime_cached(json.dumps(base_cfg, sort_keys=True))
 
 
 def task_records(ctx: StageContext, task: int, split: str, scratch: Optional[Path] = None) -> list[Record]:

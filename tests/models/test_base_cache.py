@@ -6,10 +6,9 @@ import torch
 
 import cram_ray.models.base as base_mod
 from cram_ray.models.base import answer_loss, build_vlm, exact_match, get_base_vlm, pretrain, warmup_cosine
+from cram_ray.models.tokenizer import CompactTokenizer
 from cram_ray.models.vlm import VLM, build_tiny_llava, compact_processor
 from models_testdata import scene_records, scene_vocabulary
-
-CORPUS = ["Count the dots.", " 7"]
 
 
 def quiet(_msg: str) -> None:
@@ -21,8 +20,8 @@ def cfg(tiny_cfg, tmp_path):
     return tiny_cfg.replace(**{"data.cache_dir": str(tmp_path / "cache")})
 
 
-def test_second_call_is_served_from_the_cache(cfg):
-    first = get_base_vlm(cfg, CORPUS, mix=scene_records, vocabulary=scene_vocabulary(), log=quiet)
+def test_second_call_is_served_from_the_cache(cfg, tok):
+    first = get_base_vlm(cfg, mix=scene_records, tok=tok, log=quiet)
     assert first.meta["source"] == "trained"
     assert first.meta["steps"] == cfg.model.base.steps and first.meta["heldout_exact"] is not None
     assert not any(p.requires_grad for p in first.model.parameters()) and not first.model.training
@@ -33,7 +32,7 @@ def test_second_call_is_served_from_the_cache(cfg):
         return scene_records(n, size, seed)
 
     counting_mix.__module__, counting_mix.__qualname__ = scene_records.__module__, scene_records.__qualname__
-    second = get_base_vlm(cfg, CORPUS, mix=counting_mix, vocabulary=scene_vocabulary(), log=quiet)
+    second = get_base_vlm(cfg, mix=counting_mix, tok=tok, log=quiet)
     assert second.meta["source"] == "cache" and not calls
     assert second.meta["base_dir"] == first.meta["base_dir"]
     for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
@@ -42,24 +41,26 @@ def test_second_call_is_served_from_the_cache(cfg):
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_the_key_follows_vocabulary_and_training_settings(cfg):
-    a = get_base_vlm(cfg, CORPUS, mix=scene_records, vocabulary=scene_vocabulary(), log=quiet)
-    b = get_base_vlm(cfg, CORPUS + ["zebra crossing"], mix=scene_records, vocabulary=scene_vocabulary(), log=quiet)
-    c = get_base_vlm(cfg.replace(**{"model.base.lr": 1e-3}), CORPUS, mix=scene_records,
-                     vocabulary=scene_vocabulary(), log=quiet)
-    d = get_base_vlm(cfg.replace(**{"model.routing_image_layers": "last"}), CORPUS, mix=scene_records,
-                     vocabulary=scene_vocabulary(), log=quiet)
+def test_the_key_follows_vocabulary_and_training_settings(cfg, tok):
+    a = get_base_vlm(cfg, mix=scene_records, tok=tok, log=quiet)
+    larger = CompactTokenizer.build([*scene_vocabulary(), "zebra crossing"])
+    b = get_base_vlm(cfg, mix=scene_records, tok=larger, log=quiet)
+    c = get_base_vlm(cfg.replace(**{"model.base.lr": 1e-3}), mix=scene_records, tok=tok, log=quiet)
+    d = get_base_vlm(cfg.replace(**{"model.routing_image_layers": "last"}), mix=scene_records, tok=tok, log=quiet)
+    e = get_base_vlm(cfg.replace(**{"model.dtype": "bfloat16"}), mix=scene_records, tok=tok, log=quiet)
     assert len({a.meta["base_dir"], b.meta["base_dir"], c.meta["base_dir"]}) == 3
-    assert d.meta["base_dir"] == a.meta["base_dir"] and d.meta["source"] == "cache"  # routing does not retrain
+    for same in (d, e):  # routing and serving precision do not retrain
+        assert same.meta["base_dir"] == a.meta["base_dir"] and same.meta["source"] == "cache"
+    assert next(e.model.parameters()).dtype == torch.bfloat16 and e.cfg.dtype == "bfloat16"
     assert b.processor.text.vocab_size > a.processor.text.vocab_size
 
 
-def test_a_crash_leaves_no_half_written_base(cfg):
+def test_a_crash_leaves_no_half_written_base(cfg, tok):
     def broken_mix(n, size, seed):
         raise RuntimeError("mix failed")
 
     with pytest.raises(RuntimeError, match="mix failed"):
-        get_base_vlm(cfg, CORPUS, mix=broken_mix, vocabulary=scene_vocabulary(), log=quiet)
+        get_base_vlm(cfg, mix=broken_mix, tok=tok, log=quiet)
     root = base_mod.base_root(cfg)
     assert not [p for p in root.iterdir() if p.is_dir()]
 
@@ -94,12 +95,11 @@ def test_warmup_then_cosine_schedule():
     assert factors[-1] < 0.01
 
 
-def test_build_vlm_serves_the_frozen_tiny_base(cfg, monkeypatch):
-    monkeypatch.setattr(base_mod, "_default_mix", lambda: (scene_records, scene_vocabulary()))
-    vlm = build_vlm(cfg, CORPUS)
+def test_build_vlm_serves_the_frozen_tiny_base_with_the_shared_vocabulary(cfg):
+    vlm = build_vlm(cfg)
     assert vlm.meta["source"] in ("trained", "cache")
     assert not any(p.requires_grad for p in vlm.model.parameters()) and not vlm.model.training
-    assert vlm.cfg == cfg.model
+    assert vlm.cfg == cfg.model and vlm.processor.text == base_mod.base_tokenizer()
 
 
 def test_build_vlm_loads_a_local_checkpoint(cfg, tmp_path):
@@ -107,7 +107,7 @@ def test_build_vlm_loads_a_local_checkpoint(cfg, tmp_path):
 
     make_hf_checkpoint(tmp_path / "ckpt")
     hf_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind="hf_llava", path=str(tmp_path / "ckpt")))
-    vlm = build_vlm(hf_cfg, CORPUS)
+    vlm = build_vlm(hf_cfg)
     assert not any(p.requires_grad for p in vlm.model.parameters()) and not vlm.model.training
 
 

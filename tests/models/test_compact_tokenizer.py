@@ -82,3 +82,16 @@ def test_deterministic_and_json_round_trip(tok):
 def test_bad_json_is_rejected():
     with pytest.raises(ValueError, match="format"):
         CompactTokenizer.from_json(json.dumps({"format": "other", "tokens": []}))
+
+
+def test_fill_to_tops_up_with_gpt2s_most_frequent_printable_tokens(tok):
+    filled = CompactTokenizer.build(CORPUS, fill_to=600)
+    assert filled.vocab_size == 600
+    assert set(tok.tokens) <= set(filled.tokens)  # the corpus' tokens stay
+    vocab = gpt2_tokenizer().get_vocab()
+    added = sorted(vocab[t] for t in set(filled.tokens) - set(tok.tokens))
+    assert "Ġthe" in filled.tokens and "Ġand" in filled.tokens
+    assert max(added) < 1000  # the lowest ids, i.e. GPT-2's earliest (most frequent) merges
+    assert all(filled.decode([filled.tokens.index(t)]).strip().isprintable() for t in filled.tokens[260:])
+    for text in CORPUS:
+        assert filled.decode(filled.encode(text)) == text

@@ -28,7 +28,7 @@ def main() -> None:
     cfg = from_dict(json.loads(sys.argv[1]))
     torch.set_num_threads(1)
     words = [f"w{i}" for i in range(400)]
-    vlm = load_hf_llava(None, cfg, [" ".join(words)])
+    vlm = load_hf_llava(None, cfg)
     model = vlm.model
     method = make_method(cfg)
     method.attach(model)

@@ -18,7 +18,7 @@ TINY = ["model.kind=hf_llava", "model.init=random", "model.image_size=28", "mode
 
 @pytest.fixture(scope="module")
 def vlm():
-    return load_hf_llava(None, load_config(None, TINY), ["what colour is the square", "red blue"])
+    return load_hf_llava(None, load_config(None, TINY))
 
 
 def _batch(vlm):
