@@ -156,7 +156,8 @@ def progress(done: int, total: int, seconds: float) -> str:
 def base_fields(cfg: StreamConfig) -> dict:
     """The config fields that decide a tiny base's weights (routing and serving dtype excluded)."""
     model = dataclasses.asdict(cfg.model)
-    for irrelevant in ("kind", "path", "text_encoder", "routing_image_layers", "dtype"):
+    # init and vocab_size only size a random-init hf_llava
+    for irrelevant in ("kind", "path", "init", "vocab_size", "text_encoder", "routing_image_layers", "dtype"):
         model.pop(irrelevant)
     return {"model": model, "text": [cfg.data.max_text_len, cfg.data.max_answer_len]}
 
