@@ -637,5 +637,6 @@ def set_gradient_checkpointing(model: LlavaForConditionalGeneration, enabled: bo
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif model.is_gradient_checkpointing:
+    elif getattr(model, "is_activation_checkpointing", None) or (
+            not hasattr(model, "is_activation_checkpointing") and model.is_gradient_checkpointing):
         getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
