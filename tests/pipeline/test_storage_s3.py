@@ -1,0 +1,49 @@
+"""A run whose --out is an S3 URI, against a real S3 API (moto's server on localhost): everything
+lands in the bucket, nothing in a local ``s3:`` directory, and a rerun resumes from the S3 ledger."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from s3_server import list_keys
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "workflows"))
+
+import stream  # noqa: E402
+
+from cram_ray.pipeline.ledger import STAGES, Storage  # noqa: E402
+
+SMOKE = str(ROOT / "workflows/configs/smoke.yaml")
+
+
+def test_stream_to_s3_writes_only_to_the_bucket_and_resumes_from_it(s3_server, s3_bucket, cache_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = f"{s3_bucket}/run"
+    argv = ["--config", SMOKE, "--method", "lora_ft", "--executor", "local", "--out", out, "--run-id", "t",
+            "--set", f"data.cache_dir={cache_dir}", "--set", "data.builtin.tasks=[count,classify]"]
+    assert stream.main(argv) == 0
+    final = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out in final and "sqlite" in final and f"{out}/mlartifacts" in final
+    assert list(tmp_path.iterdir()) == []  # no local "s3:" directory, nothing else either
+    keys = list_keys(s3_server, out)
+    for name in ("summary.json", "accuracy_matrix.png"):
+        assert name in keys
+    for t in range(2):
+        for stage in STAGES:
+            assert f"t/task_{t}/{stage}/_DONE.json" in keys
+    assert "_LOCK.json" not in keys  # released at the end
+    # MLflow: the sqlite store sits in the local cache, the run's artifacts in the bucket
+    summary = json.loads(Storage(out).read_bytes("summary.json"))
+    assert summary["mlflow_tracking_uri"].startswith(f"sqlite:///{cache_dir}/mlflow/")
+    artifacts = [k for k in keys if k.startswith("mlartifacts/")]
+    assert any(k.endswith(f"{summary['mlflow_run_id']}/artifacts/summary.json") for k in artifacts), artifacts
+    assert any(k.endswith("experts/state.safetensors") for k in artifacts), artifacts
+
+    assert stream.main(argv) == 0
+    again = json.loads(Storage(out).read_bytes("summary.json"))
+    assert again["stages_run"] == []
+    assert again["accuracy_matrix"] == summary["accuracy_matrix"]
+    assert again["mlflow_run_id"] == summary["mlflow_run_id"]  # the same MLflow run, reopened
+    assert list(tmp_path.iterdir()) == []
