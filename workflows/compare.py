@@ -2,7 +2,7 @@
 
     python workflows/compare.py --methods cram,same,olora,moelora,hide,lora_ft,oracle [--seeds 0,1,2]
     python workflows/compare.py --methods cram,cram@router=rbf   # a variant: a method with settings changed
-                                [--config YAML] [--benchmark MANIFEST] [--out DIR]
+                                [--config YAML] [--benchmark MANIFEST] [--out DIR|URI]
                                 [--executor local|ray] [--set key=value ...]
 
 Every (method, seed) stream runs, or resumes through its ledger, in ``DIR/<method>/seed_<s>/``
@@ -11,7 +11,8 @@ every method gets the same ``train.steps_per_task``). Then ``DIR/compare.json`` 
 summaries), ``DIR/compare.md`` (MFT, MFN, MAA, BWT, routing accuracy, parameters added and stage
 time per method, mean ± std over seeds), ``DIR/compare_bars.png`` (MFN / BWT) and
 ``DIR/accuracy_matrices.png`` are written and, with tracking on, logged to an MLflow parent run
-of which every stream's run is a child.
+of which every stream's run is a child. ``DIR`` may be an object-store URI (``s3://bucket/cmp``):
+the streams and the reports all go there.
 """
 from __future__ import annotations
 

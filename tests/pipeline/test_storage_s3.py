@@ -47,3 +47,61 @@ def test_stream_to_s3_writes_only_to_the_bucket_and_resumes_from_it(s3_server, s
     assert again["accuracy_matrix"] == summary["accuracy_matrix"]
     assert again["mlflow_run_id"] == summary["mlflow_run_id"]  # the same MLflow run, reopened
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_to_s3_writes_reports_and_streams_to_the_bucket_and_resumes(s3_server, s3_bucket, cache_dir,
+                                                                             tmp_path, monkeypatch):
+    import compare
+
+    monkeypatch.chdir(tmp_path)
+    out = f"{s3_bucket}/compare"
+    argv = ["--config", SMOKE, "--executor", "local", "--methods", "lora_ft,oracle", "--out", out,
+            "--set", f"data.cache_dir={cache_dir}", "--set", "data.builtin.tasks=[count]",
+            "--set", "tracking.enabled=false"]
+    assert compare.main(argv) == 0
+    keys = list_keys(s3_server, out)
+    for name in ("compare.json", "compare.md", "compare_bars.png", "accuracy_matrices.png",
+                 "lora_ft/seed_0/summary.json", "oracle/seed_0/summary.json"):
+        assert name in keys
+    summaries = json.loads(Storage(out).read_bytes("compare.json"))
+    assert [s["run_dir"] for s in summaries] == [f"{out}/lora_ft/seed_0", f"{out}/oracle/seed_0"]
+    assert list(tmp_path.iterdir()) == []
+    assert compare.main(argv) == 0
+    assert all(s["stages_run"] == [] for s in json.loads(Storage(out).read_bytes("compare.json")))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tune_study_keeps_its_state_on_s3_and_restores_finished_trials(s3_server, s3_bucket, cache_dir,
+                                                                       tmp_path, monkeypatch):
+    import csv
+    import io
+
+    import ray
+    import tune as tune_cli
+
+    monkeypatch.chdir(tmp_path)
+    out = f"{s3_bucket}/study"
+    argv = ["--config", SMOKE, "--executor", "local", "--num-samples", "2", "--out", out,
+            "--set", f"data.cache_dir={cache_dir}", "--set", "data.builtin.tasks=[count]",
+            "--set", "tune.scheduler=none", "--set", "tracking.enabled=false",
+            "--set", 'tune.search_space={"method.cram.rank_max": {"type": "choice", "values": [1, 2]}}']
+    try:
+        assert tune_cli.main(argv) == 0
+        keys = list_keys(s3_server, out)
+        assert any(k.startswith("study/experiment_state") for k in keys), keys
+        rows = list(csv.DictReader(io.StringIO(Storage(out).read_bytes("results.csv").decode())))
+        assert len(rows) == 2 and {r["status"] for r in rows} == {"complete"}
+        summaries = {r["trial"]: Storage(out).read_bytes(f"trials/{r['trial']}/summary.json") for r in rows}
+        assert {"results.md", "best.yaml", "study.json"} <= set(keys)
+        # a second run restores the study from the bucket: the finished trials are kept, not rerun
+        ray.shutdown()
+        assert tune_cli.main(argv) == 0
+        again = list(csv.DictReader(io.StringIO(Storage(out).read_bytes("results.csv").decode())))
+        assert {r["trial"] for r in again} == set(summaries)
+        for trial, blob in summaries.items():
+            assert Storage(out).read_bytes(f"trials/{trial}/summary.json") == blob
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        ray.shutdown()
