@@ -49,6 +49,7 @@ def test_stream_to_s3_writes_only_to_the_bucket_and_resumes_from_it(s3_server, s
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_compare_to_s3_writes_reports_and_streams_to_the_bucket_and_resumes(s3_server, s3_bucket, cache_dir,
                                                                              tmp_path, monkeypatch):
     import compare
