@@ -222,6 +222,7 @@ def compare(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
     # every config is resolved (and checked) before the first stream starts
     base = resolve_config(argparse.Namespace(**{**vars(args), "method": method_of(methods[0]), "out": out.uri}))
     place = tracking_place(base, out)
+    place.pull(out)
     extra: list[str] = []
     if base.tracking.enabled and not base.tracking.uri:
         extra = [f"tracking.uri={place.uri}"]  # one store: the streams' runs nest under the parent
@@ -251,6 +252,8 @@ def compare(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
     except BaseException:
         parent.fail()
         raise
+    finally:
+        place.push(out)
     print(out.read_bytes("compare.md").decode().split("\n## ")[0], flush=True)
     print(f"[compare] compare.json/md, plots and every stream in {out.uri}; {place.describe()}", flush=True)
     return summaries

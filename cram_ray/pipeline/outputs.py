@@ -3,9 +3,10 @@
 In order: ``tracking.uri`` when set; else ``MLFLOW_TRACKING_URI`` when set (a tracking server on a
 cluster); else a sqlite file beside a local ``--out`` (``<out>/mlflow.db``). A URI ``--out``
 without a server gets a sqlite file in the local cache, one per output location
-(``<data.cache_dir>/mlflow/<hash of the URI>/mlflow.db``): sqlite needs a local file, and this one
-stays on the machine that ran the driver. Run artifacts go to ``<out>/mlartifacts`` (on the object
-store too: MLflow writes ``s3://`` artifact locations itself) unless a tracking server keeps them.
+(``<data.cache_dir>/mlflow/<hash of the URI>/mlflow.db``), because sqlite needs a local file; the
+driver copies it to ``<out>/mlflow.db`` when it ends and starts from that copy on a machine whose
+cache has none. Run artifacts go to ``<out>/mlartifacts`` (on the object store too: MLflow writes
+``s3://`` artifact locations itself) unless a tracking server keeps them.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from cram_ray.config import StreamConfig, TrackingConfig, config_hash
 from cram_ray.pipeline.ledger import Storage
 
 ARTIFACTS_DIR = "mlartifacts"
+DB_FILE = "mlflow.db"
 
 
 def is_server(uri: str) -> bool:
@@ -41,12 +43,25 @@ class TrackingPlace:
     def tracking(self, cfg: TrackingConfig) -> TrackingConfig:
         return dataclasses.replace(cfg, uri=self.uri)
 
+    def pull(self, out: Storage) -> None:
+        """A cached store starts from the copy in ``out`` when this machine has none."""
+        db = self.local_dir / DB_FILE
+        if self.cached and not db.exists() and out.exists(DB_FILE):
+            self.local_dir.mkdir(parents=True, exist_ok=True)
+            db.write_bytes(out.read_bytes(DB_FILE))
+
+    def push(self, out: Storage) -> None:
+        """A cached store is copied to ``out``, beside the run it records."""
+        db = self.local_dir / DB_FILE
+        if self.cached and db.exists():
+            out.put_file(db, DB_FILE)
+
     def describe(self) -> str:
         if self.uri is None:
             return "MLflow off"
         where = f"MLflow {self.uri}"
         if self.cached:
-            where += " (no tracking server: a sqlite store in this machine's cache)"
+            where += " (no tracking server: a sqlite store in this machine's cache, copied to <out>/mlflow.db)"
         return where + (f", artifacts {self.artifact_location}" if self.artifact_location else "")
 
 
@@ -62,5 +77,5 @@ def tracking_place(cfg: StreamConfig, out: Storage) -> TrackingPlace:
         local = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else cache
         return TrackingPlace(uri, None if is_server(uri) else artifacts, local, False)
     if out.local:
-        return TrackingPlace(sqlite_uri(Path(out.root) / "mlflow.db"), artifacts, Path(out.root), False)
-    return TrackingPlace(sqlite_uri(cache / "mlflow.db"), artifacts, cache, True)
+        return TrackingPlace(sqlite_uri(Path(out.root) / DB_FILE), artifacts, Path(out.root), False)
+    return TrackingPlace(sqlite_uri(cache / DB_FILE), artifacts, cache, True)

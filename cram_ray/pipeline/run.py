@@ -10,7 +10,7 @@ from cram_ray.config import StreamConfig
 from cram_ray.pipeline.driver import LocalExecutor, default_run_id, format_matrix, run_stream
 from cram_ray.pipeline.ledger import Storage
 from cram_ray.pipeline.lock import RunLock
-from cram_ray.pipeline.outputs import tracking_place
+from cram_ray.pipeline.outputs import TrackingPlace, tracking_place
 
 
 def make_executor(cfg: StreamConfig):
@@ -60,34 +60,44 @@ def run_and_report(cfg: StreamConfig, *, out: Union[str, Path], run_id: Optional
     :func:`run_stream`; ``mlflow_tags`` are set on the stream's run (e.g. ``mlflow.parentRunId``
     to nest it under a study or comparison).
     """
-    from cram_ray.pipeline.track import StreamReporter
-
     store = Storage(str(out))
     run_id = run_id or default_run_id(cfg)
     with RunLock(store), tempfile.TemporaryDirectory(prefix="cram-out-") as tmp:
         # matplotlib and MLflow want local files: written in place when out is local, else here and uploaded
         files = store.local_path("") or Path(tmp) / "out"
         files.mkdir(parents=True, exist_ok=True)
-        executor = make_executor(cfg)
         place = tracking_place(cfg, store)
-        reporter = StreamReporter(cfg, place, run_id, previous_mlflow_run(store, run_id))
-        if mlflow_tags:
-            reporter.tracker.set_tags(mlflow_tags)
-        print(f"[stream] run {run_id}: method {cfg.method.name}, executor {cfg.train.executor}, "
-              f"storage {Storage(cfg.storage).uri}" + (f", mlflow run {reporter.run_id}" if reporter.run_id else ""),
-              flush=True)
+        place.pull(store)
         try:
-            summary = run_stream(cfg, run_id=run_id, executor=executor, tracker=reporter, on_task=on_task)
-        except BaseException:
-            reporter.fail()
-            raise
-        summary["run_id"] = run_id
-        summary["mlflow_run_id"] = reporter.run_id
-        summary["out"] = store.uri
-        summary["mlflow_tracking_uri"] = place.uri
-        (files / "summary.json").write_text(json.dumps(summary, indent=1))
-        write_plots(summary, files)
-        store.put_dir(files, "")
-        reporter.finish(summary, files, Storage(cfg.storage), run_id, Path(tmp))
+            summary = _run(cfg, store, files, Path(tmp), place, run_id, on_task, mlflow_tags)
+        finally:
+            place.push(store)
         print(format_matrix(summary), flush=True)
+    return summary
+
+
+def _run(cfg: StreamConfig, store: Storage, files: Path, scratch: Path, place: TrackingPlace, run_id: str,
+         on_task: Optional[Callable[[int, dict[str, Any]], None]],
+         mlflow_tags: Optional[dict[str, Any]]) -> dict[str, Any]:
+    from cram_ray.pipeline.track import StreamReporter
+
+    executor = make_executor(cfg)
+    reporter = StreamReporter(cfg, place, run_id, previous_mlflow_run(store, run_id))
+    if mlflow_tags:
+        reporter.tracker.set_tags(mlflow_tags)
+    print(f"[stream] run {run_id}: method {cfg.method.name}, executor {cfg.train.executor}, "
+          f"storage {cfg.storage}" + (f", mlflow run {reporter.run_id}" if reporter.run_id else ""), flush=True)
+    try:
+        summary = run_stream(cfg, run_id=run_id, executor=executor, tracker=reporter, on_task=on_task)
+    except BaseException:
+        reporter.fail()
+        raise
+    summary["run_id"] = run_id
+    summary["mlflow_run_id"] = reporter.run_id
+    summary["out"] = store.uri
+    summary["mlflow_tracking_uri"] = place.uri
+    (files / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_plots(summary, files)
+    store.put_dir(files, "")
+    reporter.finish(summary, files, Storage(cfg.storage), run_id, scratch)
     return summary

@@ -153,7 +153,11 @@ class Study:
         """Run or resume the study; returns the result rows (best first)."""
         with RunLock(self.out), tempfile.TemporaryDirectory(prefix="cram-study-") as tmp:
             # the reports are written locally (matplotlib, MLflow) and copied to out
-            return self._run(self.out.local_path("") or Path(tmp))
+            self.place.pull(self.out)
+            try:
+                return self._run(self.out.local_path("") or Path(tmp))
+            finally:
+                self.place.push(self.out)
 
     def _run(self, local: Path) -> list[dict[str, Any]]:
         from ray import tune

@@ -1,6 +1,8 @@
 """A run whose --out is an S3 URI, against a real S3 API (moto's server on localhost): everything
 lands in the bucket, nothing in a local ``s3:`` directory, and a rerun resumes from the S3 ledger."""
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,12 +42,19 @@ def test_stream_to_s3_writes_only_to_the_bucket_and_resumes_from_it(s3_server, s
     artifacts = [k for k in keys if k.startswith("mlartifacts/")]
     assert any(k.endswith(f"{summary['mlflow_run_id']}/artifacts/summary.json") for k in artifacts), artifacts
     assert any(k.endswith("experts/state.safetensors") for k in artifacts), artifacts
+    # the sqlite store is copied beside the run; a machine without it in its cache starts from that copy
+    assert "mlflow.db" in keys
+    Path(summary["mlflow_tracking_uri"][len("sqlite:///"):]).unlink()
 
-    assert stream.main(argv) == 0
+    # the same command again, in a process of its own (as on another machine)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "workflows/stream.py"), *argv], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
     again = json.loads(Storage(out).read_bytes("summary.json"))
     assert again["stages_run"] == []
     assert again["accuracy_matrix"] == summary["accuracy_matrix"]
-    assert again["mlflow_run_id"] == summary["mlflow_run_id"]  # the same MLflow run, reopened
+    assert again["mlflow_run_id"] == summary["mlflow_run_id"]  # the same MLflow run, reopened from the copy
     assert list(tmp_path.iterdir()) == []
 
 
