@@ -80,7 +80,25 @@ class RunLock:
             return True
         return holder.get("host") == self.owner["host"] and not _pid_alive(int(holder.get("pid", -1)))
 
-    def acquire(self) -> "RunLock":
+    def acquire(self, wait: float = 0.0) -> "RunLock":
+        """Take the lock; with ``wait`` > 0, retry for that many seconds before giving up (a Tune
+        trial restarted while its previous actor is still exiting)."""
+        if self.held:
+            return self
+        deadline = time.time() + wait
+        while True:
+            try:
+                return self._try_acquire()
+            except RunLocked:
+                if time.time() >= deadline:
+                    raise
+            time.sleep(min(5.0, max(0.1, deadline - time.time())))
+
+    @property
+    def held(self) -> bool:
+        return self._file_lock is not None or self._thread is not None
+
+    def _try_acquire(self) -> "RunLock":
         if self.storage.local:
             from filelock import FileLock, Timeout
 
@@ -128,7 +146,7 @@ class RunLock:
             self._file_lock = None
 
     def __enter__(self) -> "RunLock":
-        return self.acquire()
+        return self if self.held else self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
         self.release()

@@ -52,17 +52,18 @@ def where_line(cfg: StreamConfig, out: Union[str, Path]) -> str:
 
 def run_and_report(cfg: StreamConfig, *, out: Union[str, Path], run_id: Optional[str] = None,
                    on_task: Optional[Callable[[int, dict[str, Any]], None]] = None,
-                   mlflow_tags: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                   mlflow_tags: Optional[dict[str, Any]] = None, lock_wait: float = 0.0) -> dict[str, Any]:
     """Run or resume the stream, then write ``out/summary.json`` + plots and log them to MLflow.
 
     ``out`` is a local directory or an object-store URI; the run's lock is held on it throughout
-    (a second driver on the same ``out`` stops with :class:`RunLocked`). ``on_task`` is passed to
+    (a second driver on the same ``out`` stops with :class:`RunLocked`, after ``lock_wait``
+    seconds of retrying). ``on_task`` is passed to
     :func:`run_stream`; ``mlflow_tags`` are set on the stream's run (e.g. ``mlflow.parentRunId``
     to nest it under a study or comparison).
     """
     store = Storage(str(out))
     run_id = run_id or default_run_id(cfg)
-    with RunLock(store), tempfile.TemporaryDirectory(prefix="cram-out-") as tmp:
+    with RunLock(store).acquire(wait=lock_wait), tempfile.TemporaryDirectory(prefix="cram-out-") as tmp:
         # matplotlib and MLflow want local files: written in place when out is local, else here and uploaded
         files = store.local_path("") or Path(tmp) / "out"
         files.mkdir(parents=True, exist_ok=True)

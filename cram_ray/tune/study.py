@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Union
 
 from cram_ray.config import StreamConfig, config_hash, dump_config, from_dict
 from cram_ray.pipeline.ledger import Storage
-from cram_ray.pipeline.lock import RunLock
+from cram_ray.pipeline.lock import HEARTBEAT_SECONDS, STALE_SECONDS, RunLock
 from cram_ray.pipeline.outputs import tracking_place
 from cram_ray.report.tables import markdown_table
 from cram_ray.tune.objective import OBJECTIVE, check_metric, objective, results_csv
@@ -81,7 +81,9 @@ def stream_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, trac
         else:  # the last report waits until summary.json and the MLflow run are written (below)
             pending.update(metrics)
 
-    summary = run_and_report(cfg, out=where, run_id=f"trial-{trial_id}", on_task=progress, mlflow_tags=tags)
+    # a restored trial may start while its previous actor still exits: wait for that one's lock
+    summary = run_and_report(cfg, out=where, run_id=f"trial-{trial_id}", on_task=progress, mlflow_tags=tags,
+                             lock_wait=STALE_SECONDS + HEARTBEAT_SECONDS)
     pending["mlflow_run_id"] = summary.get("mlflow_run_id") or ""
     tune.report(pending)
 

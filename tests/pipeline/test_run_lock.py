@@ -4,6 +4,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,3 +91,11 @@ def test_a_local_lock_dies_with_its_holder(tmp_path):
         holder.wait()
     with RunLock(Storage(str(tmp_path))):
         pass
+
+
+def test_a_waiting_driver_gets_the_lock_once_the_holder_releases_it(tmp_path):
+    store = Storage(str(tmp_path))
+    holder = RunLock(store).acquire()
+    threading.Timer(0.5, holder.release).start()
+    with RunLock(Storage(str(tmp_path))).acquire(wait=10):
+        assert store.read_json(LOCK_FILE)["token"] != holder.owner["token"]
