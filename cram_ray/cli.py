@@ -9,6 +9,8 @@ from typing import Callable
 
 from cram_ray.config import ConfigError, StreamConfig, environment_problems, load_config
 from cram_ray.data.records import DataError
+from cram_ray.pipeline.ledger import normalize_location
+from cram_ray.pipeline.lock import RunLocked
 
 
 def add_config_flags(parser: argparse.ArgumentParser, *, out: str, out_help: str,
@@ -41,7 +43,7 @@ def resolve_config(args: argparse.Namespace) -> StreamConfig:
         overrides.append(f"train.executor={args.executor}")
     cfg = load_config(args.config, overrides)
     if not cfg.storage and getattr(args, "out", None):
-        cfg = cfg.replace(**{"storage": str(Path(args.out).resolve())})
+        cfg = cfg.replace(**{"storage": normalize_location(args.out)})
     from cram_ray.methods import make_method  # validate the method name before any work
 
     make_method(cfg)
@@ -74,7 +76,7 @@ def fail_cleanly(main: Callable[..., int]) -> Callable[..., int]:
     def wrapper(*args, **kwargs) -> int:
         try:
             return main(*args, **kwargs)
-        except (ConfigError, DataError) as err:
+        except (ConfigError, DataError, RunLocked) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         except FileNotFoundError as err:

@@ -2,7 +2,7 @@
 
     python workflows/compare.py --methods cram,same,olora,moelora,hide,lora_ft,oracle [--seeds 0,1,2]
     python workflows/compare.py --methods cram,cram@router=rbf   # a variant: a method with settings changed
-                                [--config YAML] [--benchmark MANIFEST] [--out DIR]
+                                [--config YAML] [--benchmark MANIFEST] [--out DIR|URI]
                                 [--executor local|ray] [--set key=value ...] [--dry-run]
 
 Every (method, seed) stream runs, or resumes through its ledger, in ``DIR/<method>/seed_<s>/``
@@ -11,7 +11,8 @@ every method gets the same ``train.steps_per_task``). Then ``DIR/compare.json`` 
 summaries), ``DIR/compare.md`` (MFT, MFN, MAA, BWT, routing accuracy, parameters added and stage
 time per method, mean ± std over seeds), ``DIR/compare_bars.png`` (MFN / BWT) and
 ``DIR/accuracy_matrices.png`` are written and, with tracking on, logged to an MLflow parent run
-of which every stream's run is a child.
+of which every stream's run is a child. ``DIR`` may be an object-store URI (``s3://bucket/cmp``):
+the streams and the reports all go there.
 """
 from __future__ import annotations
 
@@ -20,14 +21,17 @@ import json
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cram_ray.cli import add_config_flags, dry_run, fail_cleanly, resolve_config  # noqa: E402
 from cram_ray.config import ConfigError, StreamConfig, config_hash  # noqa: E402
+from cram_ray.pipeline.ledger import Storage  # noqa: E402
+from cram_ray.pipeline.outputs import tracking_place  # noqa: E402
 
 DEFAULT_METHODS = "cram,same,olora,moelora,hide,lora_ft,oracle"
 STAGES = ("probe", "allocate", "train", "aggregate", "evaluate")
@@ -95,15 +99,16 @@ def label_of(summary: dict[str, Any]) -> str:
     return summary.get("label") or summary["method"]
 
 
-def run_dir(out: Path, method: str, seed: int) -> Path:
-    return out / method / f"seed_{seed}"
+def run_dir(out: Storage, method: str, seed: int) -> str:
+    """Where one stream of the comparison writes: a directory or URI under ``out``."""
+    return out.location(f"{method}/seed_{seed}")
 
 
 def run_config(args: argparse.Namespace, method: str, seed: int, extra: list[str]) -> StreamConfig:
     """The config of one stream: the shared one with the method, the seed and the run's own directory."""
     ns = argparse.Namespace(**vars(args))
     ns.method = method_of(method)
-    ns.out = str(run_dir(Path(args.out).resolve(), method, seed))
+    ns.out = run_dir(Storage(args.out), method, seed)
     ns.overrides = list(args.overrides) + variant_overrides(method) + [f"train.seed={seed}"] + extra
     return resolve_config(ns)
 
@@ -213,23 +218,24 @@ def compare(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
 
     methods = parse_methods(args.methods)
     seeds = parse_seeds(args.seeds)
-    out = Path(args.out).resolve()
+    out = Storage(args.out)
     # every config is resolved (and checked) before the first stream starts
-    base = resolve_config(argparse.Namespace(**{**vars(args), "method": method_of(methods[0]), "out": str(out)}))
+    base = resolve_config(argparse.Namespace(**{**vars(args), "method": method_of(methods[0]), "out": out.uri}))
+    place = tracking_place(base, out)
+    place.pull(out)
     extra: list[str] = []
     if base.tracking.enabled and not base.tracking.uri:
-        from cram_ray.tracking.mlflow_tracker import default_tracking_uri
-
-        extra = [f"tracking.uri={default_tracking_uri(out)}"]  # one store: the streams' runs nest under the parent
+        extra = [f"tracking.uri={place.uri}"]  # one store: the streams' runs nest under the parent
     configs = {(m, s): run_config(args, m, s, extra) for m in methods for s in seeds}
     tracking_cfg = configs[(methods[0], seeds[0])]
     name = "compare-" + config_hash({"methods": methods, "seeds": seeds, "config": base.replace(
         **{"method.name": "-", "storage": "", "train.seed": 0}).to_dict()})[:10]
     from cram_ray.tracking.mlflow_tracker import ParentRun
 
-    parent = ParentRun(tracking_cfg, out, name, {"compare.methods": ",".join(methods),
-                                                 "compare.seeds": ",".join(map(str, seeds)),
-                                                 "config": base.to_dict()}, kind="compare")
+    parent = ParentRun(tracking_cfg, place.local_dir, name, {"compare.methods": ",".join(methods),
+                                                             "compare.seeds": ",".join(map(str, seeds)),
+                                                             "config": base.to_dict()}, kind="compare",
+                       artifact_location=place.artifact_location)
     summaries: list[dict[str, Any]] = []
     try:
         for method in methods:
@@ -246,28 +252,37 @@ def compare(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
     except BaseException:
         parent.fail()
         raise
-    print((out / "compare.md").read_text().split("\n## ")[0], flush=True)
+    finally:
+        place.push(out)
+    print(out.read_bytes("compare.md").decode().split("\n## ")[0], flush=True)
+    print(f"[compare] compare.json/md, plots and every stream in {out.uri}; {place.describe()}", flush=True)
     return summaries
 
 
-def report(summaries: list[dict[str, Any]], methods: list[str], seeds: list[int], cfg: StreamConfig, out: Path,
-           command: str, parent: ParentRun) -> list[Path]:
-    """compare.json, compare.md and the plots from the streams' summaries; logged to the parent run."""
+def report(summaries: list[dict[str, Any]], methods: list[str], seeds: list[int], cfg: StreamConfig,
+           out: Union[str, Path, Storage], command: str, parent: ParentRun) -> list[str]:
+    """compare.json, compare.md and the plots from the streams' summaries, written to ``out`` (a
+    directory or URI) and logged to the parent run; returns their names."""
     from cram_ray.report.plots import grouped_bars
 
+    out = out if isinstance(out, Storage) else Storage(str(out))
     rows = method_rows(summaries, methods)
-    out.mkdir(parents=True, exist_ok=True)
-    files = [out / "compare.json", out / "compare.md"]
-    files[0].write_text(json.dumps(summaries, indent=1))
-    files[1].write_text(render_markdown(rows, summaries, methods, seeds, cfg, command))
-    files.append(grouped_bars({r["method"]: {"MFN": r["MFN"], "BWT": r["BWT"]} for r in rows}, ["MFN", "BWT"],
-                              out / "compare_bars.png", title="Final accuracy (MFN) and forgetting (BWT)",
-                              ylabel="percent"))
-    files.append(plot_matrices(summaries, methods, out / "accuracy_matrices.png"))
-    metrics = {r["method"]: {METRIC_KEYS[c]: (r[c][0] if isinstance(r[c], tuple) else r[c]) for c in COLUMNS}
-               for r in rows}
-    parent.finish(metrics, files)
-    return files
+    with tempfile.TemporaryDirectory(prefix="cram-compare-") as tmp:
+        local = out.local_path("") or Path(tmp)  # plots and MLflow need local files; uploaded below
+        local.mkdir(parents=True, exist_ok=True)
+        files = [local / "compare.json", local / "compare.md"]
+        files[0].write_text(json.dumps(summaries, indent=1))
+        files[1].write_text(render_markdown(rows, summaries, methods, seeds, cfg, command))
+        files.append(grouped_bars({r["method"]: {"MFN": r["MFN"], "BWT": r["BWT"]} for r in rows}, ["MFN", "BWT"],
+                                  local / "compare_bars.png", title="Final accuracy (MFN) and forgetting (BWT)",
+                                  ylabel="percent"))
+        files.append(plot_matrices(summaries, methods, local / "accuracy_matrices.png"))
+        for f in files:
+            out.put_file(f, f.name)
+        metrics = {r["method"]: {METRIC_KEYS[c]: (r[c][0] if isinstance(r[c], tuple) else r[c]) for c in COLUMNS}
+                   for r in rows}
+        parent.finish(metrics, files)
+    return [f.name for f in files]
 
 
 @fail_cleanly

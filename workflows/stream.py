@@ -1,12 +1,13 @@
 """Run (or resume) one continual stream and write ``<out>/summary.json``.
 
     python workflows/stream.py [--config YAML] [--benchmark MANIFEST] [--method NAME]
-                               [--out DIR] [--run-id ID] [--executor local|ray] [--set key=value ...]
+                               [--out DIR|URI] [--run-id ID] [--executor local|ray] [--set key=value ...]
                                [--dry-run]
 
 Works with no cluster (embedded local Ray, or ``--executor local`` for one process) and under
 ``ray job submit --working-dir . -- python workflows/stream.py ...``. Rerunning with the same
-``--run-id`` and ``--out`` resumes at the first unfinished stage.
+``--run-id`` and ``--out`` resumes at the first unfinished stage. ``--out`` is a local directory
+or an object-store URI (``s3://bucket/run``, ``gs://...``); everything the run writes goes there.
 """
 from __future__ import annotations
 
@@ -34,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve_config(args)
     if args.dry_run:
         return dry_run(cfg)
-    from cram_ray.pipeline.run import run_and_report
+    from cram_ray.pipeline.run import run_and_report, where_line
 
-    summary = run_and_report(cfg, out=Path(args.out), run_id=args.run_id)
+    summary = run_and_report(cfg, out=args.out, run_id=args.run_id)
     print(json.dumps({k: summary[k] for k in ("mft", "mfn", "maa", "bwt", "routing_accuracy")}))
+    print(where_line(cfg, args.out), flush=True)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Run (or resume) a Ray Tune study of stream hyperparameters; each trial is a whole stream.
 
-    python workflows/tune.py [--config YAML] [--benchmark MANIFEST] [--num-samples N] [--out DIR]
+    python workflows/tune.py [--config YAML] [--benchmark MANIFEST] [--num-samples N] [--out DIR|URI]
                              [--executor local|ray] [--set key=value ...] [--dry-run]
 
 Writes ``DIR/results.csv``, ``DIR/results.md``, ``DIR/pareto.png`` (objective vs parameters added,
@@ -8,7 +8,8 @@ Pareto front marked) and ``DIR/best.yaml`` (a preset ``workflows/stream.py --con
 is). The search space, searcher, scheduler, objective and per-trial resources come from the
 config's ``tune`` section (``--set tune.num_samples=8`` etc.). Rerunning with the same ``--out``
 resumes the study: finished trials are kept, unfinished ones restart at their first unfinished
-stage.
+stage. ``--out`` may be an object-store URI (``s3://bucket/study``): Tune's experiment state, the
+trials' streams and the reports all go there.
 """
 from __future__ import annotations
 
@@ -35,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_samples is not None:
         args.overrides = [*args.overrides, f"tune.num_samples={args.num_samples}"]
-    out = Path(args.out).resolve()
     # the study owns --out; each trial's stream gets its own storage under it
     cfg = resolve_config(argparse.Namespace(**{**vars(args), "out": None}))
     if args.dry_run:  # the base config's plan; trials vary it within tune.search_space
@@ -43,12 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     from cram_ray.tune.study import STATUS_COMPLETE, Study
 
     command = "python workflows/tune.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    study = Study(cfg, out, command=command)
+    study = Study(cfg, args.out, command=command)
     rows = study.run()
-    print((out / "results.md").read_text(), flush=True)
+    out = study.out
+    print(out.read_bytes("results.md").decode(), flush=True)
     complete = [r for r in rows if r["status"] == STATUS_COMPLETE]
     print(f"[tune] {len(rows)} trials, {len(complete)} complete; best preset: "
-          + (str(out / "best.yaml") if complete else "none (no trial completed)"), flush=True)
+          + (out.location("best.yaml") if complete else "none (no trial completed)")
+          + f"; study in {out.uri}; {study.place.describe()}", flush=True)
     return 0
 
 

@@ -53,22 +53,47 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_uri(location: str) -> bool:
+    """True for an object-store URI (s3://, gs://, ...); a plain path or file:// is local."""
+    return "://" in location and not location.startswith("file://")
+
+
+def normalize_location(location: str) -> str:
+    """A local path (or file://) made absolute; a URI kept as written, without a trailing slash."""
+    if is_uri(location):
+        return location.rstrip("/")
+    path = location[len("file://"):] if location.startswith("file://") else location
+    return str(Path(path).expanduser().resolve())
+
+
 class Storage:
-    """A directory tree on a local disk or an object store, addressed by relative paths."""
+    """A directory tree on a local disk or an object store, addressed by relative paths.
+
+    Everything a run writes goes through one of these: the ledger and stage outputs, summary.json
+    and plots, a study's or a comparison's reports. Object stores use pyarrow's filesystems, which
+    read the usual credentials and ``AWS_ENDPOINT_URL`` themselves.
+    """
 
     def __init__(self, root: str) -> None:
-        if "://" in root and not root.startswith("file://"):
+        root = normalize_location(str(root))
+        if is_uri(root):
             self.fs, self.root = pafs.FileSystem.from_uri(root)
             self.local = False
         else:
-            path = root[len("file://"):] if root.startswith("file://") else root
-            self.root = str(Path(path).expanduser().resolve())
+            self.root = root
             self.fs = pafs.LocalFileSystem()
             self.local = True
         self.uri = root
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}".rstrip("/")
+
+    def location(self, rel: str = "") -> str:
+        """``rel`` as a location other libraries accept: an absolute path, or a URI on the same store."""
+        return f"{self.uri}/{rel}".rstrip("/") if rel else self.uri
+
+    def child(self, rel: str) -> "Storage":
+        return Storage(self.location(rel))
 
     def local_path(self, rel: str) -> Optional[Path]:
         """The local directory of ``rel`` if storage is local, else None."""
@@ -94,6 +119,18 @@ class Storage:
         else:  # object stores make a single put visible atomically
             with self.fs.open_output_stream(target) as fh:
                 fh.write(data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes_atomic(rel, text.encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def put_file(self, local_file: Path, rel: str) -> None:
+        """Copy one local file to ``rel`` (overwriting)."""
+        if self.local and Path(self.path(rel)) == Path(local_file).resolve():
+            return
+        self.write_bytes_atomic(rel, Path(local_file).read_bytes())
 
     def put_dir(self, local_dir: Path, rel: str) -> None:
         """Copy every file of ``local_dir`` to ``rel`` (overwriting)."""

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from cram_ray.config import StreamConfig
 from cram_ray.pipeline.driver import LocalExecutor, default_run_id, format_matrix, run_stream
 from cram_ray.pipeline.ledger import Storage
+from cram_ray.pipeline.lock import RunLock
+from cram_ray.pipeline.outputs import TrackingPlace, tracking_place
 
 
 def make_executor(cfg: StreamConfig):
@@ -31,30 +34,56 @@ def write_plots(summary: dict[str, Any], out: Path) -> None:
         routing_confusion(summary["routing_confusion"], summary["tasks"], out / "routing_confusion.png")
 
 
-def previous_mlflow_run(out: Path, run_id: str) -> Optional[str]:
-    path = out / "summary.json"
-    if path.exists():
-        old = json.loads(path.read_text())
+def previous_mlflow_run(out: Storage, run_id: str) -> Optional[str]:
+    if out.exists("summary.json"):
+        old = out.read_json("summary.json")
         if old.get("run_id") == run_id:
             return old.get("mlflow_run_id")
     return None
 
 
-def run_and_report(cfg: StreamConfig, *, out: Path, run_id: Optional[str] = None,
+def where_line(cfg: StreamConfig, out: Union[str, Path]) -> str:
+    """One line saying where a stream's files and its MLflow runs went."""
+    store, ledger = Storage(str(out)), Storage(cfg.storage)
+    where = f"[stream] summary.json and plots in {store.uri}"
+    where += "" if ledger.uri == store.uri else f", stage ledger in {ledger.uri}"
+    return f"{where}; {tracking_place(cfg, store).describe()}"
+
+
+def run_and_report(cfg: StreamConfig, *, out: Union[str, Path], run_id: Optional[str] = None,
                    on_task: Optional[Callable[[int, dict[str, Any]], None]] = None,
-                   mlflow_tags: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                   mlflow_tags: Optional[dict[str, Any]] = None, lock_wait: float = 0.0) -> dict[str, Any]:
     """Run or resume the stream, then write ``out/summary.json`` + plots and log them to MLflow.
 
-    ``on_task`` is passed to :func:`run_stream`; ``mlflow_tags`` are set on the stream's run (e.g.
-    ``mlflow.parentRunId`` to nest it under a study or comparison).
+    ``out`` is a local directory or an object-store URI; the run's lock is held on it throughout
+    (a second driver on the same ``out`` stops with :class:`RunLocked`, after ``lock_wait``
+    seconds of retrying). ``on_task`` is passed to
+    :func:`run_stream`; ``mlflow_tags`` are set on the stream's run (e.g. ``mlflow.parentRunId``
+    to nest it under a study or comparison).
     """
+    store = Storage(str(out))
+    run_id = run_id or default_run_id(cfg)
+    with RunLock(store).acquire(wait=lock_wait), tempfile.TemporaryDirectory(prefix="cram-out-") as tmp:
+        # matplotlib and MLflow want local files: written in place when out is local, else here and uploaded
+        files = store.local_path("") or Path(tmp) / "out"
+        files.mkdir(parents=True, exist_ok=True)
+        place = tracking_place(cfg, store)
+        place.pull(store)
+        try:
+            summary = _run(cfg, store, files, Path(tmp), place, run_id, on_task, mlflow_tags)
+        finally:
+            place.push(store)
+        print(format_matrix(summary), flush=True)
+    return summary
+
+
+def _run(cfg: StreamConfig, store: Storage, files: Path, scratch: Path, place: TrackingPlace, run_id: str,
+         on_task: Optional[Callable[[int, dict[str, Any]], None]],
+         mlflow_tags: Optional[dict[str, Any]]) -> dict[str, Any]:
     from cram_ray.pipeline.track import StreamReporter
 
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    run_id = run_id or default_run_id(cfg)
     executor = make_executor(cfg)
-    reporter = StreamReporter(cfg, out, run_id, previous_mlflow_run(out, run_id))
+    reporter = StreamReporter(cfg, place, run_id, previous_mlflow_run(store, run_id))
     if mlflow_tags:
         reporter.tracker.set_tags(mlflow_tags)
     print(f"[stream] run {run_id}: method {cfg.method.name}, executor {cfg.train.executor}, "
@@ -66,8 +95,10 @@ def run_and_report(cfg: StreamConfig, *, out: Path, run_id: Optional[str] = None
         raise
     summary["run_id"] = run_id
     summary["mlflow_run_id"] = reporter.run_id
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    write_plots(summary, out)
-    reporter.finish(summary, out, Storage(cfg.storage), run_id)
-    print(format_matrix(summary), flush=True)
+    summary["out"] = store.uri
+    summary["mlflow_tracking_uri"] = place.uri
+    (files / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_plots(summary, files)
+    store.put_dir(files, "")
+    reporter.finish(summary, files, Storage(cfg.storage), run_id, scratch)
     return summary

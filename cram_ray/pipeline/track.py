@@ -15,6 +15,7 @@ from cram_ray.config import StreamConfig
 from cram_ray.eval.metrics import summarize
 from cram_ray.pipeline.context import TaskMeta
 from cram_ray.pipeline.ledger import STAGES, StageResult, Storage
+from cram_ray.pipeline.outputs import TrackingPlace
 from cram_ray.tracking.mlflow_tracker import StreamTracker
 
 
@@ -36,9 +37,10 @@ def numeric_only(tree: Any) -> Any:
 class StreamReporter:
     """The driver's MLflow voice; a no-op when tracking is disabled."""
 
-    def __init__(self, cfg: StreamConfig, out: Path, run_id: str, resume_mlflow_run: Optional[str]) -> None:
+    def __init__(self, cfg: StreamConfig, place: TrackingPlace, run_id: str, resume_mlflow_run: Optional[str]) -> None:
         self.cfg = cfg
-        self.tracker = StreamTracker(cfg.tracking, out, run_id, resume_run_id=resume_mlflow_run)
+        self.tracker = StreamTracker(place.tracking(cfg.tracking), place.local_dir, run_id,
+                                     resume_run_id=resume_mlflow_run, artifact_location=place.artifact_location)
         if resume_mlflow_run is None and cfg.tracking.enabled:
             self.tracker.resume_run_id = self.tracker.find_run(run_id)
         self.run_id = self.tracker.start(cfg.to_dict())
@@ -63,20 +65,25 @@ class StreamReporter:
         metrics["stage_seconds"] = {s: results[s].seconds for s in STAGES}
         self.tracker.log_metrics(metrics, step=t)
 
-    def finish(self, summary: dict[str, Any], out: Path, storage: Storage, run_id: str) -> None:
+    def finish(self, summary: dict[str, Any], out: Path, storage: Storage, run_id: str, scratch: Path) -> None:
+        """Log the final numbers and artifacts: ``out`` holds summary.json and the plots (a local
+        directory); the final expert state and predictions come from ``storage`` (via ``scratch``
+        when it is an object store)."""
         last = len(summary["tasks"]) - 1
         self.tracker.log_metrics({k: summary[k] for k in ("mft", "mfn", "maa", "bwt", "params_added_total")})
         for name in ("summary.json", "accuracy_matrix.png", "rank_map.png", "routing_confusion.png"):
             if (out / name).exists():
                 self.tracker.log_artifact(out / name)
-        final_state = storage.local_path(f"{run_id}/task_{last}/aggregate")
-        preds = storage.local_path(f"{run_id}/task_{last}/evaluate/predictions.jsonl")
-        if final_state is not None:
-            for name in ("state.safetensors", "state.json"):
-                if (final_state / name).exists():
-                    self.tracker.log_artifact(final_state / name, "experts")
-        if preds is not None and preds.exists():
-            self.tracker.log_artifact(preds, "predictions")
+        if not self.tracker.enabled:
+            self.tracker.finish("FINISHED")
+            return
+        final_state = storage.get_dir(f"{run_id}/task_{last}/aggregate", scratch / "aggregate")
+        for name in ("state.safetensors", "state.json"):
+            if (final_state / name).exists():
+                self.tracker.log_artifact(final_state / name, "experts")
+        evaluate = storage.get_dir(f"{run_id}/task_{last}/evaluate", scratch / "evaluate")
+        if (evaluate / "predictions.jsonl").exists():
+            self.tracker.log_artifact(evaluate / "predictions.jsonl", "predictions")
         self.tracker.finish("FINISHED")
 
     def fail(self) -> None:

@@ -198,16 +198,20 @@ class StreamTracker:
         run_name: the run's display name (the pipeline's run id is a good one: it is also what
             :meth:`find_run` matches).
         resume_run_id: an MLflow run id from an earlier :meth:`start`; that run is reopened.
+        artifact_location: where a new experiment keeps artifacts (a path or URI, e.g. on the
+            run's object store); default: ``<storage_dir>/mlartifacts`` for a file store.
     """
 
     def __init__(self, cfg: TrackingConfig, storage_dir: PathLike, run_name: str,
-                 resume_run_id: Optional[str] = None, kind: str = "stream") -> None:
+                 resume_run_id: Optional[str] = None, kind: str = "stream",
+                 artifact_location: Optional[str] = None) -> None:
         self.cfg = cfg
         self.kind = kind
         self.enabled = bool(cfg.enabled)
         self.storage_dir = Path(storage_dir).expanduser().resolve()
         self.run_name = run_name
         self.resume_run_id = resume_run_id
+        self.artifact_location = artifact_location
         self.uri: Optional[str] = None
         self.experiment_id: Optional[str] = None
         self._client: Optional["MlflowClient"] = None
@@ -233,6 +237,8 @@ class StreamTracker:
         return self._client
 
     def _artifact_location(self) -> Optional[str]:
+        if self.artifact_location:
+            return self.artifact_location
         # A remote tracking server owns its artifact store; a local database gets ours.
         if self.uri and not self.uri.startswith(("sqlite:", "file:", "/")):
             return None
@@ -374,8 +380,9 @@ class ParentRun:
     on resume. The streams' runs show under it once :meth:`adopt` tags them (or they are created
     with ``mlflow.parentRunId`` set). A no-op with tracking disabled."""
 
-    def __init__(self, cfg: Any, storage_dir: PathLike, name: str, params: Mapping[str, Any], *, kind: str) -> None:
-        self.tracker = StreamTracker(cfg.tracking, storage_dir, name, kind=kind)
+    def __init__(self, cfg: Any, storage_dir: PathLike, name: str, params: Mapping[str, Any], *, kind: str,
+                 artifact_location: Optional[str] = None) -> None:
+        self.tracker = StreamTracker(cfg.tracking, storage_dir, name, kind=kind, artifact_location=artifact_location)
         if self.tracker.enabled:
             self.tracker.resume_run_id = self.tracker.find_run(name)
         self.run_id = self.tracker.start(params)

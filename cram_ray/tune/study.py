@@ -1,11 +1,13 @@
 """A Ray Tune study over stream hyperparameters: each trial is a whole (short) continual stream.
 
-Layout of ``<out>/``::
+Layout of ``<out>/`` (a local directory or an object-store URI: Tune keeps its experiment state
+there too, so a study on a cluster is restored from one place whichever node its driver runs on)::
 
     study/              Tune's experiment directory (what ``Tuner.restore`` reads)
     trials/<trial_id>/  each trial's stream: summary.json, plots, its stage ledger
     results.csv, results.md, pareto.png, best.yaml, study.json
-    mlflow.db, mlartifacts/   (default tracking store, shared by the study and its trials)
+    mlflow.db, mlartifacts/   (default tracking store, shared by the study and its trials; see
+                              cram_ray.pipeline.outputs for a URI ``out``)
 
 A trial is :func:`stream_trial`: the stream driver function of ``workflows/stream.py`` run inside a
 Tune trial actor. With ``train.executor=ray`` it builds its own ``TorchTrainer`` runs per task (the
@@ -24,11 +26,15 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from cram_ray.config import StreamConfig, config_hash, dump_config, from_dict
+from cram_ray.pipeline.ledger import Storage
+from cram_ray.pipeline.lock import HEARTBEAT_SECONDS, STALE_SECONDS, RunLock
+from cram_ray.pipeline.outputs import tracking_place
 from cram_ray.report.tables import markdown_table
 from cram_ray.tune.objective import OBJECTIVE, check_metric, objective, results_csv
 from cram_ray.tune.space import Dimension, apply_params, describe, parse_space, tune_domains
@@ -37,8 +43,9 @@ EXPERIMENT = "study"
 STATUS_COMPLETE, STATUS_STOPPED, STATUS_ERROR = "complete", "stopped early", "error"
 
 
-def trial_dir(out: Path, trial_id: str) -> Path:
-    return out / "trials" / trial_id
+def trial_dir(out: str, trial_id: str) -> str:
+    """A trial's stream location under the study's ``out`` (a directory or URI)."""
+    return Storage(out).location(f"trials/{trial_id}")
 
 
 def column_names(keys: list[str]) -> dict[str, str]:
@@ -57,9 +64,9 @@ def stream_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, trac
     from cram_ray.pipeline.run import run_and_report
 
     trial_id = tune.get_context().get_trial_id()
-    where = trial_dir(Path(out), trial_id)
+    where = trial_dir(out, trial_id)
     cfg = apply_params(from_dict(base), config)
-    cfg = cfg.replace(**{"storage": str(where), "tracking.uri": tracking_uri})
+    cfg = cfg.replace(**{"storage": where, "tracking.uri": tracking_uri})
     tags = {"cram_ray.trial_id": trial_id, "cram_ray.study_dir": out}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -68,13 +75,15 @@ def stream_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, trac
     def progress(t: int, numbers: dict[str, Any]) -> None:
         metrics = {k: v for k, v in numbers.items() if isinstance(v, (int, float))}  # drops None and the task name
         metrics[OBJECTIVE] = objective(metrics, cfg.tune)
-        metrics["trial_dir"] = str(where)
+        metrics["trial_dir"] = where
         if t < n_tasks - 1:
             tune.report(metrics)
         else:  # the last report waits until summary.json and the MLflow run are written (below)
             pending.update(metrics)
 
-    summary = run_and_report(cfg, out=where, run_id=f"trial-{trial_id}", on_task=progress, mlflow_tags=tags)
+    # a restored trial may start while its previous actor still exits: wait for that one's lock
+    summary = run_and_report(cfg, out=where, run_id=f"trial-{trial_id}", on_task=progress, mlflow_tags=tags,
+                             lock_wait=STALE_SECONDS + HEARTBEAT_SECONDS)
     pending["mlflow_run_id"] = summary.get("mlflow_run_id") or ""
     tune.report(pending)
 
@@ -83,10 +92,12 @@ def stream_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, trac
 class Study:
     """Builds (or restores) the Tuner for ``cfg`` under ``out`` and turns its results into files."""
 
-    def __init__(self, cfg: StreamConfig, out: Path, *, command: str = "", log: Optional[Callable[[str], None]] = None):
+    def __init__(self, cfg: StreamConfig, out: Union[str, Path], *, command: str = "",
+                 log: Optional[Callable[[str], None]] = None):
         check_metric(cfg.tune)
         self.cfg = cfg
-        self.out = out.resolve()
+        self.out = Storage(str(out))
+        self.place = tracking_place(cfg, self.out)
         self.dims: list[Dimension] = parse_space(cfg)
         self.command = command
         self.log = log or (lambda msg: print(msg, flush=True))
@@ -108,9 +119,7 @@ class Study:
     def _tracking(self) -> StreamConfig:
         """The config every trial logs with: the study's store unless one is configured."""
         if self.cfg.tracking.enabled and not self.cfg.tracking.uri:
-            from cram_ray.tracking.mlflow_tracker import default_tracking_uri
-
-            return self.cfg.replace(**{"tracking.uri": default_tracking_uri(self.out)})
+            return self.cfg.replace(**{"tracking.uri": self.place.uri})
         return self.cfg
 
     def _searcher(self):
@@ -137,30 +146,41 @@ class Study:
     def _trainable(self, cfg: StreamConfig, parent_run_id: Optional[str]):
         from ray import tune
 
-        fn = tune.with_parameters(stream_trial, base=cfg.to_dict(), out=str(self.out),
+        fn = tune.with_parameters(stream_trial, base=cfg.to_dict(), out=self.out.uri,
                                   tracking_uri=cfg.tracking.uri if cfg.tracking.enabled else None,
                                   parent_run_id=parent_run_id, n_tasks=self.n_tasks)
         return tune.with_resources(fn, {"cpu": cfg.tune.cpus_per_trial})
 
     def run(self) -> list[dict[str, Any]]:
         """Run or resume the study; returns the result rows (best first)."""
+        with RunLock(self.out), tempfile.TemporaryDirectory(prefix="cram-study-") as tmp:
+            # the reports are written locally (matplotlib, MLflow) and copied to out
+            self.place.pull(self.out)
+            try:
+                return self._run(self.out.local_path("") or Path(tmp))
+            finally:
+                self.place.push(self.out)
+
+    def _run(self, local: Path) -> list[dict[str, Any]]:
         from ray import tune
 
         from cram_ray.pipeline.ray_cluster import connect
         from cram_ray.tracking.mlflow_tracker import ParentRun
 
-        self.out.mkdir(parents=True, exist_ok=True)
+        local.mkdir(parents=True, exist_ok=True)
         cfg = self._tracking()
-        parent = ParentRun(cfg, self.out, self.name, {"tune.space": describe(self.dims), "config": self.cfg.to_dict()},
-                           kind="tune")
+        parent = ParentRun(cfg, self.place.local_dir, self.name,
+                           {"tune.space": describe(self.dims), "config": self.cfg.to_dict()}, kind="tune",
+                           artifact_location=self.place.artifact_location)
         connect(cfg.train, self.log)
-        path = self.out / EXPERIMENT
+        path = self.out.location(EXPERIMENT)
         trainable = self._trainable(cfg, parent.run_id)
         t0 = time.time()
         try:
-            if tune.Tuner.can_restore(str(path)):
+            # Tune reads a URI with pyarrow's filesystems, as Storage does (same credentials, endpoint)
+            if tune.Tuner.can_restore(path):
                 self.log(f"[tune] resuming the study at {path}")
-                tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                            restart_errored=True)
             else:
                 self.log(f"[tune] new study at {path}: {cfg.tune.num_samples} trials, searcher {cfg.tune.searcher}, "
@@ -174,11 +194,11 @@ class Study:
                         scheduler=self._scheduler(), num_samples=cfg.tune.num_samples,
                         max_concurrent_trials=cfg.tune.max_concurrent_trials,
                     ),
-                    run_config=tune.RunConfig(storage_path=str(self.out), name=EXPERIMENT, verbose=1),
+                    run_config=tune.RunConfig(storage_path=self.out.uri, name=EXPERIMENT, verbose=1),
                 )
             grid = tuner.fit()
             rows = self.rows(grid)
-            files = self.report(rows, time.time() - t0)
+            files = self.report(rows, time.time() - t0, local)
             self.close_stopped_runs(cfg, rows)
         except BaseException:
             parent.fail()
@@ -237,14 +257,15 @@ class Study:
         cfg = apply_params(self.cfg, complete[0]["params"])
         return cfg.replace(**{"storage": "", "tracking.uri": self.cfg.tracking.uri})
 
-    def report(self, rows: list[dict[str, Any]], seconds: float) -> list[Path]:
-        """results.csv / results.md / pareto.png / best.yaml / study.json under ``out``."""
+    def report(self, rows: list[dict[str, Any]], seconds: float, local: Path) -> list[Path]:
+        """results.csv / results.md / pareto.png / best.yaml / study.json, written in the local
+        directory ``local`` and copied to ``out``; returns the local files."""
         from cram_ray.report.plots import pareto_plot
 
         names = list(column_names([d.key for d in self.dims]).values())
         columns = ["trial", "status", "tasks_done", *names, "maa", "mfn", "bwt", "params_added_total", OBJECTIVE,
                    "pareto"]
-        files = [self.out / "results.csv", self.out / "results.md"]
+        files = [local / "results.csv", local / "results.md"]
         files[0].write_text(results_csv(rows, columns))
         best = self.best_config(rows)
         lines = [
@@ -263,13 +284,15 @@ class Study:
         points = [{"params added": r["params_added_total"], self.cfg.tune.metric: r[OBJECTIVE], "label": r["trial"][-5:]}
                   for r in rows if r["status"] == STATUS_COMPLETE and r.get(OBJECTIVE) is not None]
         if points and self.cfg.tune.mode == "max":
-            files.append(pareto_plot(points, "params added", self.cfg.tune.metric, self.out / "pareto.png",
+            files.append(pareto_plot(points, "params added", self.cfg.tune.metric, local / "pareto.png",
                                      title=f"{self.cfg.tune.metric} vs parameters added ({len(points)} complete trials)"))
         if best is not None:
-            dump_config(best, self.out / "best.yaml")
-            files.append(self.out / "best.yaml")
-        (self.out / "study.json").write_text(json.dumps({"name": self.name, "rows": rows}, indent=1, default=str))
-        files.append(self.out / "study.json")
+            dump_config(best, local / "best.yaml")
+            files.append(local / "best.yaml")
+        (local / "study.json").write_text(json.dumps({"name": self.name, "rows": rows}, indent=1, default=str))
+        files.append(local / "study.json")
+        for f in files:
+            self.out.put_file(f, f.name)
         return files
 
     def close_stopped_runs(self, cfg: StreamConfig, rows: list[dict[str, Any]]) -> None:
