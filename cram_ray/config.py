@@ -202,7 +202,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps between Train checkpoints
     max_failures: int = 2  # Ray Train FailureConfig(max_failures)
     stage_retries: int = 2  # Ray task retries per CPU stage
-    ray_address: Optional[str] = None  # None = connect to a running cluster if any, else start one locally
+    ray_address: Optional[str] = None  # None = RAY_ADDRESS if set, else an embedded loopback cluster
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (-1, 0, 1, 2, 3):
