@@ -110,7 +110,7 @@ HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port")
 
 
 def _launch(tmp: Path, name: str, args: list[str], *, head: bool, num_cpus: float,
-            resources: Optional[dict[str, float]], worker_ports: int, token: bool,
+            resources: Optional[dict[str, float]], worker_ports: int, token: Optional[bool],
             base_env: Optional[dict[str, str]], address: Optional[str]) -> RayNode:
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -122,14 +122,14 @@ def _launch(tmp: Path, name: str, args: list[str], *, head: bool, num_cpus: floa
 
     env = {k: v for k, v in (base_env if base_env is not None else os.environ).items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    token_file = None
+    token_file = Path(env["RAY_AUTH_TOKEN_PATH"]) if token is None and "RAY_AUTH_TOKEN_PATH" in env else None
     if token:
         token_file = temp_dir / "auth_token"
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
-    else:
+    elif token is not None:
         env["RAY_AUTH_MODE"] = "disabled"
         env.pop("RAY_AUTH_TOKEN_PATH", None)
         env.pop("RAY_AUTH_TOKEN", None)
@@ -170,10 +170,9 @@ def add_worker(head: RayNode, tmp: Path, *, num_cpus: float = 2, resources: Opti
                worker_ports: int = 40, name: Optional[str] = None) -> RayNode:
     """A second (third, ...) node joining ``head`` with ``ray start --address``, as on another machine."""
     name = name or f"worker{secrets.token_hex(2)}"
-    node = _launch(tmp, name, [f"--address={head.address}"], head=False, num_cpus=num_cpus, resources=resources,
-                   worker_ports=worker_ports, token=False, base_env=head.env, address=head.address)
-    node.token_file = head.token_file
-    return node
+    # token=None: the head's environment already pins its auth mode (and token file)
+    return _launch(tmp, name, [f"--address={head.address}"], head=False, num_cpus=num_cpus, resources=resources,
+                   worker_ports=worker_ports, token=None, base_env=head.env, address=head.address)
 
 
 def pids_of(node: RayNode) -> list[int]:
