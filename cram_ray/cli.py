@@ -16,11 +16,13 @@ from cram_ray.pipeline.lock import RunLocked
 def add_config_flags(parser: argparse.ArgumentParser, *, out: str, out_help: str,
                      executor_help: str = "overrides train.executor") -> argparse.ArgumentParser:
     """The flags :func:`resolve_config` reads, as every workflow script spells them: --config,
-    --benchmark, --out, --executor, the repeatable --set, and --dry-run (see :func:`dry_run`)."""
+    --benchmark, --out, --executor, --address, the repeatable --set, and --dry-run (see :func:`dry_run`)."""
     parser.add_argument("--config", help="YAML preset (default: built-in defaults)")
     parser.add_argument("--benchmark", help="benchmark manifest YAML (default: the built-in benchmark)")
     parser.add_argument("--out", default=out, help=out_help)
     parser.add_argument("--executor", choices=["local", "ray"], help=executor_help)
+    parser.add_argument("--address", help="Ray cluster to join, GCS host:port (sets train.ray_address; implies "
+                        "--executor ray). Default: RAY_ADDRESS if set, else an embedded cluster on 127.0.0.1")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted config override, e.g. --set train.lr=1e-4 (repeatable)")
     parser.add_argument("--dry-run", action="store_true",
@@ -41,7 +43,11 @@ def resolve_config(args: argparse.Namespace) -> StreamConfig:
         overrides.append(f"method.name={args.method}")
     if getattr(args, "executor", None):
         overrides.append(f"train.executor={args.executor}")
+    elif getattr(args, "address", None):  # naming a cluster means running on it
+        overrides.append("train.executor=ray")
     cfg = load_config(args.config, overrides)
+    if getattr(args, "address", None):  # verbatim: a YAML parse could read host:port as a number
+        cfg = cfg.replace(**{"train.ray_address": args.address})
     if not cfg.storage and getattr(args, "out", None):
         cfg = cfg.replace(**{"storage": normalize_location(args.out)})
     from cram_ray.methods import make_method  # validate the method name before any work

@@ -294,7 +294,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps between Train checkpoints
     max_failures: int = 2  # Ray Train FailureConfig(max_failures)
     stage_retries: int = 2  # Ray task retries per CPU stage
-    ray_address: Optional[str] = None  # None = connect to a running cluster if any, else start one locally
+    ray_address: Optional[str] = None  # None = RAY_ADDRESS if set, else an embedded loopback cluster
     # Ray Train input: "stream" = streaming_split over the workers + a seeded per-epoch shuffle of each
     # worker's rows (docs/performance.md); "exact" = the in-process executor's batches (tests)
     ingest: Literal["stream", "exact"] = "stream"
