@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cram_ray.cli import add_config_flags, fail_cleanly, resolve_config  # noqa: E402
+from cram_ray.cli import add_config_flags, add_restart_flag, fail_cleanly, resolve_config  # noqa: E402
 from cram_ray.config import ConfigError, StreamConfig, config_hash  # noqa: E402
 
 DEFAULT_METHODS = "cram,same,olora,moelora,hide,lora_ft,oracle"
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated methods (default: {DEFAULT_METHODS})")
     parser.add_argument("--seeds", default="0", help="comma-separated integer seeds (default: 0)")
+    add_restart_flag(parser)
     return add_config_flags(parser, out="runs/compare", out_help="output directory (one stream per method and seed)")
 
 
@@ -105,7 +106,10 @@ def run_config(args: argparse.Namespace, method: str, seed: int, extra: list[str
     ns.method = method_of(method)
     ns.out = str(run_dir(Path(args.out).resolve(), method, seed))
     ns.overrides = list(args.overrides) + variant_overrides(method) + [f"train.seed={seed}"] + extra
-    return resolve_config(ns)
+    cfg = resolve_config(ns)
+    # one storage root for every stream: the benchmark is prepared once, run ids keep the ledgers apart
+    own_dir = cfg.storage == str(Path(ns.out).resolve())  # storage came from --out, not from the config
+    return cfg.replace(storage=str(Path(args.out).resolve())) if own_dir else cfg
 
 
 def stage_time(summary: dict[str, Any]) -> float:
@@ -236,7 +240,8 @@ def compare(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
             for seed in seeds:
                 t0 = time.time()
                 print(f"[compare] {method} seed {seed} -> {run_dir(out, method, seed)}", flush=True)
-                summary = run_and_report(configs[(method, seed)], out=run_dir(out, method, seed))
+                summary = run_and_report(configs[(method, seed)], out=run_dir(out, method, seed),
+                                         restart=args.restart)
                 summary["run_dir"] = str(run_dir(out, method, seed))
                 summary["label"] = method
                 parent.adopt(summary.get("mlflow_run_id"))

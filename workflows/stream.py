@@ -1,11 +1,13 @@
 """Run (or resume) one continual stream and write ``<out>/summary.json``.
 
     python workflows/stream.py [--config YAML] [--benchmark MANIFEST] [--method NAME]
-                               [--out DIR] [--run-id ID] [--executor local|ray] [--set key=value ...]
+                               [--out DIR] [--run-id ID] [--restart] [--executor local|ray]
+                               [--set key=value ...]
 
 Works with no cluster (embedded local Ray, or ``--executor local`` for one process) and under
 ``ray job submit --working-dir . -- python workflows/stream.py ...``. Rerunning with the same
-``--run-id`` and ``--out`` resumes at the first unfinished stage.
+``--run-id`` and ``--out`` resumes at the first unfinished stage; ``--restart`` reruns it from the
+data stage (needed when its benchmark or config changed).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cram_ray.cli import add_config_flags, fail_cleanly, resolve_config  # noqa: E402
+from cram_ray.cli import add_config_flags, add_restart_flag, fail_cleanly, resolve_config  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(parser, out="runs/stream", out_help="output directory (summary.json, storage)")
     parser.add_argument("--method", help="continual-learning method (overrides method.name)")
     parser.add_argument("--run-id", help="run id; the same id and --out resume (default: from the config hash)")
-    return parser
+    return add_restart_flag(parser)
 
 
 @fail_cleanly
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve_config(args)
     from cram_ray.pipeline.run import run_and_report
 
-    summary = run_and_report(cfg, out=Path(args.out), run_id=args.run_id)
+    summary = run_and_report(cfg, out=Path(args.out), run_id=args.run_id, restart=args.restart)
     print(json.dumps({k: summary[k] for k in ("mft", "mfn", "maa", "bwt", "routing_accuracy")}))
     return 0
 

@@ -30,6 +30,7 @@ class TaskMeta:
     metric: str
     n_train: int
     n_test: int
+    dataset: str  # the prepared benchmark under the storage root, datasets/<content hash>
 
 
 @dataclass
@@ -51,7 +52,14 @@ class StageContext:
         return TaskInfo(index=task, name=meta.name, metric=meta.metric)
 
     def shard_rel(self, task: int, split: str) -> str:
-        return f"{self.run_id}/data/{self.tasks[task].name}/{split}"
+        """The folder of a task's split's shards, relative to the storage root (shared by every run
+        on the same benchmark content)."""
+        meta = self.tasks[task]
+        return f"{meta.dataset}/{meta.name}/{split}"
+
+    @property
+    def corpus_rel(self) -> str:
+        return f"{self.tasks[0].dataset}/corpus.json"
 
     def to_json(self) -> dict[str, Any]:
         return {"cfg": self.cfg.to_dict(), "run_id": self.run_id,
@@ -101,11 +109,11 @@ def runtime(ctx: StageContext) -> Runtime:
     """The process-wide runtime for this config (built once, then reused by every stage)."""
     model_part = {"model": dataclasses.asdict(ctx.cfg.model), "data": dataclasses.asdict(ctx.cfg.data)}
     storage = ctx.storage
-    corpus = storage.local_path(f"{ctx.run_id}/data/corpus.json")
+    corpus = storage.local_path(ctx.corpus_rel)
     if corpus is None:  # remote storage: fetch the small corpus file once per process
         local = Path(ctx.cfg.data.cache_dir).expanduser() / "corpus" / config_hash(model_part)
         local.mkdir(parents=True, exist_ok=True)
-        (local / "corpus.json").write_bytes(storage.read_bytes(f"{ctx.run_id}/data/corpus.json"))
+        (local / "corpus.json").write_bytes(storage.read_bytes(ctx.corpus_rel))
         corpus = local / "corpus.json"
     # only the model/data parts of the config decide the base: other keys must not rebuild it
     base_cfg = StreamConfig(model=ctx.cfg.model, data=ctx.cfg.data).to_dict()

@@ -42,11 +42,12 @@ def previous_mlflow_run(out: Path, run_id: str) -> Optional[str]:
 
 def run_and_report(cfg: StreamConfig, *, out: Path, run_id: Optional[str] = None,
                    on_task: Optional[Callable[[int, dict[str, Any]], None]] = None,
-                   mlflow_tags: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                   mlflow_tags: Optional[dict[str, Any]] = None, restart: bool = False) -> dict[str, Any]:
     """Run or resume the stream, then write ``out/summary.json`` + plots and log them to MLflow.
 
     ``on_task`` is passed to :func:`run_stream`; ``mlflow_tags`` are set on the stream's run (e.g.
-    ``mlflow.parentRunId`` to nest it under a study or comparison).
+    ``mlflow.parentRunId`` to nest it under a study or comparison); ``restart`` reruns the run from
+    its data stage.
     """
     from cram_ray.pipeline.track import StreamReporter
 
@@ -60,7 +61,8 @@ def run_and_report(cfg: StreamConfig, *, out: Path, run_id: Optional[str] = None
     print(f"[stream] run {run_id}: method {cfg.method.name}, executor {cfg.train.executor}, "
           f"storage {cfg.storage}" + (f", mlflow run {reporter.run_id}" if reporter.run_id else ""), flush=True)
     try:
-        summary = run_stream(cfg, run_id=run_id, executor=executor, tracker=reporter, on_task=on_task)
+        summary = run_stream(cfg, run_id=run_id, executor=executor, tracker=reporter, on_task=on_task,
+                             restart=restart)
     except BaseException:
         reporter.fail()
         raise
