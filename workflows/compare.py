@@ -3,10 +3,11 @@
     python workflows/compare.py --methods cram,same,olora,moelora,hide,lora_ft,oracle [--seeds 0,1,2]
     python workflows/compare.py --methods cram,cram@router=rbf   # a variant: a method with settings changed
                                 [--config YAML] [--benchmark MANIFEST] [--out DIR]
-                                [--executor local|ray] [--set key=value ...]
+                                [--executor local|ray] [--restart] [--set key=value ...]
 
-Every (method, seed) stream runs, or resumes through its ledger, in ``DIR/<method>/seed_<s>/``
-with the same config (``--set train.seed=<s>`` and the method name are the only differences, so
+Every (method, seed) stream runs, or resumes through its ledger ``DIR/<run_id>/``, and writes its
+summary and plots to ``DIR/<method>/seed_<s>/``; the benchmark is prepared once for all of them in
+``DIR/datasets/``. Every stream has the same config (``--set train.seed=<s>`` and the method name are the only differences, so
 every method gets the same ``train.steps_per_task``). Then ``DIR/compare.json`` (the list of
 summaries), ``DIR/compare.md`` (MFT, MFN, MAA, BWT, routing accuracy, parameters added and stage
 time per method, mean ± std over seeds), ``DIR/compare_bars.png`` (MFN / BWT) and

@@ -59,8 +59,7 @@ def stream_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, trac
     trial_id = tune.get_context().get_trial_id()
     where = trial_dir(Path(out), trial_id)
     cfg = apply_params(from_dict(base), config)
-    # the study's root is every trial's storage: the benchmark is prepared once for all trials
-    cfg = cfg.replace(**{"storage": cfg.storage or out, "tracking.uri": tracking_uri})
+    cfg = cfg.replace(**{"storage": str(where), "tracking.uri": tracking_uri})
     tags = {"cram_ray.trial_id": trial_id, "cram_ray.study_dir": out}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
