@@ -7,8 +7,8 @@
 
 Every (method, seed) stream runs, or resumes through its ledger ``DIR/<run_id>/``, and writes its
 summary and plots to ``DIR/<method>/seed_<s>/``; the benchmark is prepared once for all of them in
-``DIR/datasets/``. Every stream has the same config (``--set train.seed=<s>`` and the method name are the only differences, so
-every method gets the same ``train.steps_per_task``). Then ``DIR/compare.json`` (the list of
+``DIR/datasets/``. Every stream has the same config (``--set train.seed=<s>`` and the method name
+are the only differences, so every method gets the same ``train.steps_per_task``). Then ``DIR/compare.json`` (the list of
 summaries), ``DIR/compare.md`` (MFT, MFN, MAA, BWT, routing accuracy, parameters added and stage
 time per method, mean ± std over seeds), ``DIR/compare_bars.png`` (MFN / BWT) and
 ``DIR/accuracy_matrices.png`` are written and, with tracking on, logged to an MLflow parent run
