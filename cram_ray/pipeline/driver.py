@@ -117,7 +117,7 @@ def prepare_data(cfg: StreamConfig, run_id: str, *, restart: bool = False) -> li
     """The stream's tasks, their shards prepared once per benchmark content under
     ``<storage>/datasets/<hash>`` and shared by every run; the run records the benchmark hash and
     config it started with, and a resume with either changed fails (unless ``restart``)."""
-    from cram_ray.data.prepare import dataset_rel, prepare
+    from cram_ray.data.prepare import dataset_rel, find, prepare
 
     storage = Storage(cfg.storage)
     ledger = Ledger(storage, run_id)
@@ -126,11 +126,11 @@ def prepare_data(cfg: StreamConfig, run_id: str, *, restart: bool = False) -> li
     if recorded is not None:
         _check_same_run(recorded["result"]["metrics"], cfg, identity, storage)
     rel = dataset_rel(identity)
-    use_ray = False
-    if cfg.train.executor == "ray":
-        import ray
+    use_ray = cfg.train.executor == "ray" and find(storage, rel) is None
+    if use_ray:  # the executor connects at its first stage; the image pass needs the cluster now
+        from cram_ray.pipeline.ray_cluster import connect
 
-        use_ray = ray.is_initialized()
+        connect(cfg.train)
     marker = prepare(bench, identity, storage, rel, corpus=corpus, use_ray=use_ray)
     metas = [TaskMeta(t["name"], t["metric"], t["train"], t["test"], rel) for t in marker["tasks"]]
     if recorded is None:
