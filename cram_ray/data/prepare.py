@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 import uuid
@@ -37,6 +38,8 @@ CORPUS = "corpus.json"
 FILES = "files.json"
 DATASETS = "datasets"
 ROWS_PER_SHARD = 512
+# a worker's DataError as a remote traceback prints it (its message is always one line)
+_REMOTE_DATA_ERROR = re.compile(r"DataError: (.+)")
 
 
 def dataset_rel(identity: Identity) -> str:
@@ -84,21 +87,22 @@ class _ShardNames:
 
 
 def _unwrap(err: BaseException) -> Optional[DataError]:
-    """The DataError a Ray worker raised, from the exception chain Ray Data hands back."""
+    """The DataError a Ray worker raised, from what Ray Data hands back: the worker's exception
+    object when Ray kept it (``cause``, ``__cause__``), else its one-line message in the remote
+    traceback text."""
     seen = set()
-    stack = [err]
+    stack: list[Optional[BaseException]] = [err]
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        cause = getattr(e, "cause", None)  # RayTaskError keeps the worker's own exception here
-        if isinstance(cause, DataError):
-            return DataError(str(cause.args[0]) if cause.args else str(cause))
         if type(e) is DataError:
             return e
+        cause = getattr(e, "cause", None)  # RayTaskError keeps the worker's own exception here
         stack.extend([cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__])
-    return None
+    found = _REMOTE_DATA_ERROR.search(str(err))
+    return DataError(found.group(1)) if found else None
 
 
 def _write_split_ray(task: TaskData, split: str, fs: Any, path: str, rows_per_shard: int) -> None:
