@@ -31,6 +31,12 @@ def add_config_flags(parser: argparse.ArgumentParser, *, out: str, out_help: str
     return parser
 
 
+def add_restart_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--restart", action="store_true",
+                        help="rerun every stage from the data stage, even under a run id that would resume")
+    return parser
+
+
 def resolve_config(args: argparse.Namespace) -> StreamConfig:
     """--config + --set, then the shorthand flags (--benchmark, --method, --executor), then storage."""
     overrides = list(getattr(args, "overrides", []) or [])

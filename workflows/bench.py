@@ -10,6 +10,8 @@ Subcommands:
          same model, data and batch size, in one run; last line ``ratio X`` (Ray / plain)
   eval   evaluation samples/s, Ray Data batch inference on an actor pool vs the in-process loop,
          in one run; last line ``ratio X`` (Ray / in-process)
+  prepare  workflows/prepare_data.py on a generated LLaVA-JSON benchmark of N 96x96 JPEG records:
+         records per second and the preparing process's peak RSS (several sizes: its growth)
 """
 from __future__ import annotations
 
@@ -287,7 +289,7 @@ def bench_ingest(args: argparse.Namespace) -> None:
     from ray.train.torch import TorchTrainer
 
     from cram_ray.data.shards import read_shards
-    from cram_ray.models.tokenizer import CompactTokenizer
+    from cram_ray.models.base import base_tokenizer
     from cram_ray.models.vlm import compact_processor
     from cram_ray.pipeline.ray_cluster import connect
     from cram_ray.train.ingest import Phase, StreamPlan
@@ -296,8 +298,7 @@ def bench_ingest(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="cram-bench-") as tmp:
         ctx = bench_context(args, Path(tmp))
         train = ctx.cfg.train
-        corpus = json.loads(ctx.storage.read_bytes("bench/data/corpus.json"))
-        processor = compact_processor(ctx.cfg.model, ctx.cfg.data, CompactTokenizer.build(corpus))
+        processor = compact_processor(ctx.cfg.model, ctx.cfg.data, base_tokenizer())
         settings = processor.settings()
         source = json.dumps({"settings": settings}, sort_keys=True)
         steps, bs = args.steps, min(train.batch_size, ctx.tasks[0].n_train)
@@ -398,6 +399,67 @@ def bench_eval(args: argparse.Namespace) -> None:
     print(f"end-to-end ratio {ray_sps / local_sps:.3f} (pool start-up included)")
     print(f"ratio {steady_sps / local_sps:.3f}")
 
+def write_jpeg_benchmark(root: Path, n: int, tasks: int = 4) -> Path:
+    """A manifest + LLaVA-JSON benchmark of ``n`` distinct 96x96 noise JPEGs (~26 KB each, quality 95)
+    over ``tasks`` tasks, 90% train / 10% test; returns the manifest."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[dict]] = {}
+    for i in range(n):
+        name = f"{i:07d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(root / "images" / name, quality=95)
+        task, split = f"t{i % tasks}", "test" if (i // tasks) % 10 == 9 else "train"
+        rows.setdefault(f"{task}_{split}.json", []).append({
+            "id": f"r{i}", "image": name,
+            "conversations": [{"from": "human", "value": f"<image>\nWhat is record {i % 97}?"},
+                              {"from": "gpt", "value": str(i % 7)}]})
+    for file, records in rows.items():
+        (root / file).write_text(json.dumps(records))
+    manifest = {"name": f"jpeg-{n}", "image_root": "images", "tasks": [
+        {"name": f"t{t}", "train": f"t{t}_train.json", "test": f"t{t}_test.json", "metric": "exact"}
+        for t in range(tasks)]}
+    (root / "bench.yaml").write_text(json.dumps(manifest))
+    return root / "bench.yaml"
+
+
+def bench_prepare(args: argparse.Namespace) -> None:
+    """Run prepare_data.py as its own process per size; its peak RSS is the ru_maxrss ``wait4``
+    reports for that child alone (the generator's memory is not counted)."""
+    import os
+    import subprocess
+    import tempfile
+
+    sizes = [int(s) for s in str(args.records).split(",")]
+    script = Path(__file__).resolve().parent / "prepare_data.py"
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cram-bench-prepare-", dir=args.tmp) as tmp:
+        for n in sizes:
+            root = Path(tmp) / f"bench-{n}"
+            manifest = write_jpeg_benchmark(root, n)
+            size_mb = sum(p.stat().st_size for p in (root / "images").iterdir()) / 1e6
+            cmd = [sys.executable, str(script), str(manifest), "--out", str(Path(tmp) / f"out-{n}"),
+                   "--executor", args.executor, "--cache-dir", str(Path(tmp) / "cache")]
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            _, status, usage = os.wait4(proc.pid, 0)
+            seconds = time.perf_counter() - t0
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise SystemExit(f"error: bench.py prepare: prepare_data.py failed on {n} records: "
+                                 f"{proc.stderr.read().strip()}")
+            rss = usage.ru_maxrss / 1024  # KiB on Linux
+            results.append((n, seconds, rss))
+            print(f"{n:8d} records ({size_mb:7.1f} MB of JPEG, {args.executor}): {seconds:6.1f} s, "
+                  f"{n / seconds:7.0f} records/s, driver peak RSS {rss:6.0f} MB", flush=True)
+    if len(results) > 1:
+        (n0, _, r0), (n1, _, r1) = results[0], results[-1]
+        print(f"driver peak RSS growth from {n0} to {n1} records: {r1 - r0:+.0f} MB "
+              f"({(r1 - r0) / max(n1 - n0, 1) * 1000:.1f} KB per record)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
@@ -447,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--records", type=int, default=records, help="records per split")
     ingest.set_defaults(func=bench_ingest)
     evaluation.set_defaults(func=bench_eval)
+    prep = sub.add_parser("prepare", help="prepare_data.py throughput and driver peak RSS on generated JPEGs")
+    prep.add_argument("--records", default="3000", help="records, or comma-separated sizes to compare (3000,12000)")
+    prep.add_argument("--executor", choices=["local", "ray"], default="local")
+    prep.add_argument("--tmp", default=None, help="folder for the generated benchmark (default: the system's)")
+    prep.set_defaults(func=bench_prepare)
     return parser
 
 

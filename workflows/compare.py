@@ -3,11 +3,12 @@
     python workflows/compare.py --methods cram,same,olora,moelora,hide,lora_ft,oracle [--seeds 0,1,2]
     python workflows/compare.py --methods cram,cram@router=rbf   # a variant: a method with settings changed
                                 [--config YAML] [--benchmark MANIFEST] [--out DIR|URI]
-                                [--executor local|ray] [--set key=value ...] [--dry-run]
+                                [--executor local|ray] [--restart] [--set key=value ...] [--dry-run]
 
-Every (method, seed) stream runs, or resumes through its ledger, in ``DIR/<method>/seed_<s>/``
-with the same config (``--set train.seed=<s>`` and the method name are the only differences, so
-every method gets the same ``train.steps_per_task``). Then ``DIR/compare.json`` (the list of
+Every (method, seed) stream runs, or resumes through its ledger ``DIR/<run_id>/``, and writes its
+summary and plots to ``DIR/<method>/seed_<s>/``; the benchmark is prepared once for all of them in
+``DIR/datasets/``. Every stream has the same config (``--set train.seed=<s>`` and the method name
+are the only differences, so every method gets the same ``train.steps_per_task``). Then ``DIR/compare.json`` (the list of
 summaries), ``DIR/compare.md`` (MFT, MFN, MAA, BWT, routing accuracy, parameters added and stage
 time per method, mean ± std over seeds), ``DIR/compare_bars.png`` (MFN / BWT) and
 ``DIR/accuracy_matrices.png`` are written and, with tracking on, logged to an MLflow parent run
@@ -28,7 +29,7 @@ from typing import Any, Optional, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cram_ray.cli import add_config_flags, dry_run, fail_cleanly, resolve_config  # noqa: E402
+from cram_ray.cli import add_config_flags, add_restart_flag, dry_run, fail_cleanly, resolve_config  # noqa: E402
 from cram_ray.config import ConfigError, StreamConfig, config_hash  # noqa: E402
 from cram_ray.pipeline.ledger import Storage  # noqa: E402
 from cram_ray.pipeline.outputs import tracking_place  # noqa: E402
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated methods (default: {DEFAULT_METHODS})")
     parser.add_argument("--seeds", default="0", help="comma-separated integer seeds (default: 0)")
+    add_restart_flag(parser)
     return add_config_flags(parser, out="runs/compare", out_help="output directory (one stream per method and seed)")
 
 
@@ -110,7 +112,10 @@ def run_config(args: argparse.Namespace, method: str, seed: int, extra: list[str
     ns.method = method_of(method)
     ns.out = run_dir(Storage(args.out), method, seed)
     ns.overrides = list(args.overrides) + variant_overrides(method) + [f"train.seed={seed}"] + extra
-    return resolve_config(ns)
+    cfg = resolve_config(ns)
+    # one storage root for every stream: the benchmark is prepared once, run ids keep the ledgers apart
+    own_dir = cfg.storage == str(Path(ns.out).resolve())  # storage came from --out, not from the config
+    return cfg.replace(storage=str(Path(args.out).resolve())) if own_dir else cfg
 
 
 def stage_time(summary: dict[str, Any]) -> float:
@@ -242,7 +247,8 @@ def compare(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
             for seed in seeds:
                 t0 = time.time()
                 print(f"[compare] {method} seed {seed} -> {run_dir(out, method, seed)}", flush=True)
-                summary = run_and_report(configs[(method, seed)], out=run_dir(out, method, seed))
+                summary = run_and_report(configs[(method, seed)], out=run_dir(out, method, seed),
+                                         restart=args.restart)
                 summary["run_dir"] = str(run_dir(out, method, seed))
                 summary["label"] = method
                 parent.adopt(summary.get("mlflow_run_id"))

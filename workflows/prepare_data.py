@@ -1,32 +1,41 @@
-"""Turn a benchmark manifest into parquet shards with embedded images, plus an index.
+"""Turn a benchmark manifest into a prepared dataset: parquet shards with the images' own bytes.
 
-    python workflows/prepare_data.py MANIFEST --out DIR [--rows-per-shard N]
+    python workflows/prepare_data.py MANIFEST --out DIR [--rows-per-shard N] [--executor local|ray]
+                                     [--cache-dir DIR]
 
-Writes ``DIR/<task>/<split>/part-XXXXX.parquet`` for every task and split and ``DIR/index.json``
-(benchmark name, task order, metric and record counts per task). Bad data ends the program with
-one line on stderr naming the file, record and field, and exit code 2.
+Writes ``DIR/<task>/<split>/part-*.parquet`` for every task and split, ``DIR/corpus.json``,
+``DIR/files.json`` (every benchmark file's SHA-256) and last ``DIR/_DONE.json`` (benchmark name,
+content hash, task order, metric and record counts per task): the same code and layout as a
+stream's ``<storage>/datasets/<hash>``. ``DIR`` must not exist, or hold the same benchmark
+already (then nothing is prepared); it appears only once complete. ``--executor ray`` reads the
+images in a Ray Data job; ``local`` (default) streams them through this process one shard at a
+time. Bad data ends the program with one line on stderr naming the file, record and field, exit 2.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cram_ray.cli import fail_cleanly  # noqa: E402
-from cram_ray.data.manifest import SPLITS, load_benchmark  # noqa: E402
-from cram_ray.data.shards import write_shards  # noqa: E402
-
-INDEX_FILE = "index.json"
+from cram_ray.data.identity import identify  # noqa: E402
+from cram_ray.data.manifest import load_benchmark  # noqa: E402
+from cram_ray.data.prepare import ROWS_PER_SHARD, prepare  # noqa: E402
+from cram_ray.pipeline.ledger import Storage  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("manifest", help="benchmark manifest YAML")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--rows-per-shard", type=int, default=512, help="rows per parquet shard (default 512)")
+    parser.add_argument("--out", required=True, help="output directory (created; must not hold other data)")
+    parser.add_argument("--rows-per-shard", type=int, default=ROWS_PER_SHARD,
+                        help=f"rows per parquet shard (default {ROWS_PER_SHARD})")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="local: this process, one shard at a time; ray: a Ray Data job")
+    parser.add_argument("--cache-dir", default="~/.cache/cram_ray",
+                        help="where the per-benchmark file index lives (makes re-hashing fast)")
     return parser
 
 
@@ -36,20 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows_per_shard < 1:
         print(f"error: --rows-per-shard: expected >= 1, got {args.rows_per_shard}", file=sys.stderr)
         return 2
-    bench = load_benchmark(args.manifest)
-    out = Path(args.out)
-    tasks = []
-    for task in bench.tasks:
-        counts = {}
-        for split in SPLITS:
-            records = task.records(split)
-            shards = write_shards(records, out / task.name / split, rows_per_shard=args.rows_per_shard)
-            counts[split] = len(records)
-            print(f"{task.name}/{split}: {len(records)} records in {len(shards)} shard(s)")
-        tasks.append({"name": task.name, "metric": task.metric, **counts})
-    index = {"benchmark": bench.name, "manifest": str(bench.path), "tasks": tasks}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
-    print(f"wrote {out / INDEX_FILE}")
+    bench = load_benchmark(args.manifest, check_images=False)
+    identity = identify(bench, Path(args.cache_dir).expanduser() / "content")
+    corpus = [f"{e.instruction} {e.answer}" for t in bench.tasks for e in t.entries("train")]
+    if args.executor == "ray":
+        from cram_ray.config import TrainConfig
+        from cram_ray.pipeline.ray_cluster import connect
+
+        connect(TrainConfig())
+    out = Path(args.out).expanduser().resolve()
+    marker = prepare(bench, identity, Storage(str(out.parent)), out.name, corpus=corpus,
+                     use_ray=args.executor == "ray", rows_per_shard=args.rows_per_shard)
+    for t in marker["tasks"]:
+        print(f"{t['name']}: {t['train']} train, {t['test']} test records")
+    print(f"wrote {out} (benchmark hash {identity.hash})")
     return 0
 
 

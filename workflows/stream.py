@@ -1,13 +1,14 @@
 """Run (or resume) one continual stream and write ``<out>/summary.json``.
 
     python workflows/stream.py [--config YAML] [--benchmark MANIFEST] [--method NAME]
-                               [--out DIR|URI] [--run-id ID] [--executor local|ray] [--set key=value ...]
-                               [--dry-run]
+                               [--out DIR|URI] [--run-id ID] [--restart] [--executor local|ray]
+                               [--set key=value ...] [--dry-run]
 
 Works with no cluster (embedded local Ray, or ``--executor local`` for one process) and under
 ``ray job submit --working-dir . -- python workflows/stream.py ...``. Rerunning with the same
-``--run-id`` and ``--out`` resumes at the first unfinished stage. ``--out`` is a local directory
-or an object-store URI (``s3://bucket/run``, ``gs://...``); everything the run writes goes there.
+``--run-id`` and ``--out`` resumes at the first unfinished stage; ``--restart`` reruns it from the
+data stage (needed when its benchmark or config changed). ``--out`` is a local directory or an
+object-store URI (``s3://bucket/run``, ``gs://...``); everything the run writes goes there.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cram_ray.cli import add_config_flags, dry_run, fail_cleanly, resolve_config  # noqa: E402
+from cram_ray.cli import add_config_flags, add_restart_flag, dry_run, fail_cleanly, resolve_config  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(parser, out="runs/stream", out_help="output directory (summary.json, storage)")
     parser.add_argument("--method", help="continual-learning method (overrides method.name)")
     parser.add_argument("--run-id", help="run id; the same id and --out resume (default: from the config hash)")
-    return parser
+    return add_restart_flag(parser)
 
 
 @fail_cleanly
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(cfg)
     from cram_ray.pipeline.run import run_and_report, where_line
 
-    summary = run_and_report(cfg, out=args.out, run_id=args.run_id)
+    summary = run_and_report(cfg, out=args.out, run_id=args.run_id, restart=args.restart)
     print(json.dumps({k: summary[k] for k in ("mft", "mfn", "maa", "bwt", "routing_accuracy")}))
     print(where_line(cfg, args.out), flush=True)
     return 0

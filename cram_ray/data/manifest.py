@@ -1,11 +1,13 @@
 """Benchmark manifests: a YAML file naming the tasks of a stream, each with LLaVA-style JSON per split.
 
-Layout (DESIGN §5; the CoIN / UCIT / TriGap layout)::
+Layout (the CoIN / UCIT / TriGap layout)::
 
     name: my-bench
     image_root: images/            # relative to the manifest (default: the manifest's folder)
+    allow_outside_root: false      # true: images and JSON files may resolve outside their roots
+    limits: {max_image_pixels: 40000000}   # optional, see Limits
     tasks:                         # in stream order
-      - name: scienceqa
+      - name: scienceqa            # one safe path component: letters, digits, '.', '_', '-'
         train: instructions/scienceqa/train.json
         test: instructions/scienceqa/test.json
         metric: option_letter
@@ -16,14 +18,18 @@ Each JSON file is a list of records
 marker removed; the answer is the first gpt turn after it; a record without ``"image"`` is text-only.
 Later turns of a multi-turn conversation are not used.
 
-Everything is validated by :func:`load_benchmark`; each problem raises :class:`DataError` with one
-line naming the file, the record (id or index) and the field, and what is expected.
+:func:`load_benchmark` validates the manifest and every record and holds only metadata (ids, resolved
+image paths, instructions, answers); :func:`load_image` reads and checks one image. Each problem
+raises :class:`DataError` with one line naming the file, the record (id or index) and the field.
 """
 from __future__ import annotations
 
+import difflib
 import io
 import json
-from dataclasses import dataclass
+import re
+import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -36,51 +42,69 @@ IMAGE_MARKER = "<image>"
 SPLITS = ("train", "test")
 HUMAN_ROLES = ("human", "user")
 GPT_ROLES = ("gpt", "assistant")
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MANIFEST_KEYS = ("name", "image_root", "allow_outside_root", "limits", "tasks")
 TASK_KEYS = ("name", "train", "test", "metric")
+# a task name becomes a folder of the prepared data: one component, never '.', '..' or hidden
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# a JSON string (escapes included), then any bracket: depth is counted on what is left
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 Split = Literal["train", "test"]
 
 
 @dataclass(frozen=True)
-class _Entry:
-    """One validated JSON record, image still on disk."""
+class Limits:
+    """What one benchmark file may be; checked before an image is decoded or a JSON file parsed."""
+
+    max_image_pixels: int = 40_000_000  # width x height from the image header (PIL warns at 89M)
+    max_image_bytes: int = 50_000_000  # an image file's size on disk
+    max_json_bytes: int = 1_000_000_000  # a task JSON file's size on disk
+    max_json_depth: int = 64  # nesting of lists/objects in a task JSON file (records need 4)
+
+
+LIMIT_KEYS = tuple(f.name for f in fields(Limits))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One validated JSON record: metadata only, the image still on disk (resolved path)."""
 
     id: str
-    image: Optional[Path]
+    label: str  # how errors name it: "record 'id' (#i)"
+    image: Optional[str]
     instruction: str
     answer: str
 
 
 @dataclass(frozen=True)
 class TaskData:
-    """One task of a benchmark: where its splits live and how it is scored."""
+    """One task of a benchmark: its validated records per split and how it is scored."""
 
     name: str
     metric: str
     train_path: Path
     test_path: Path
     image_root: Path
+    limits: Limits
+    splits: dict[str, list[Entry]]
 
     def path(self, split: Split) -> Path:
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
         return self.train_path if split == "train" else self.test_path
 
+    def entries(self, split: Split) -> list[Entry]:
+        self.path(split)
+        return self.splits[split]
+
     def records(self, split: Split) -> list[Record]:
-        """Every record of ``split``, images read from disk as PNG bytes (re-encoded if not PNG)."""
+        """Every record of ``split`` with its image's own bytes (small benchmarks and tests; the
+        prepare job reads images batch by batch instead)."""
         path = self.path(split)
-        return [
-            Record(
-                id=e.id,
-                task=self.name,
-                image=None if e.image is None else _png_bytes(e.image, path, e.id),
-                instruction=e.instruction,
-                answer=e.answer,
-                metric=self.metric,
-            )
-            for e in _read_entries(path, self.image_root, check_images=False)
-        ]
+        return [Record(id=e.id, task=self.name, metric=self.metric, instruction=e.instruction, answer=e.answer,
+                       image=None if e.image is None else load_image(e.image, self.limits, f"{path}: {e.label}"))
+                for e in self.splits[split]]
 
     def info(self, index: int) -> TaskInfo:
         """What a method is told about this task when it is the ``index``-th of the stream."""
@@ -93,6 +117,7 @@ class Benchmark:
 
     name: str
     path: Path  # the manifest file
+    image_root: Path
     tasks: list[TaskData]
 
     @property
@@ -111,8 +136,8 @@ def load_benchmark(manifest_path: str | Path, *, check_images: bool = True) -> B
 
     Args:
         manifest_path: the manifest YAML.
-        check_images: also decode every image once (catches corrupt files at load, costs a full
-            pass over the images; turn off for very large data already known to be good).
+        check_images: also read and decode every image once in this process (small benchmarks;
+            the prepare job does this check in parallel instead).
 
     Raises:
         DataError: one line naming the file, record and field of the first problem found.
@@ -123,6 +148,10 @@ def load_benchmark(manifest_path: str | Path, *, check_images: bool = True) -> B
     name = raw["name"]
     if not isinstance(name, str) or not name.strip():
         raise DataError(f"{where}: field 'name': expected a non-empty string, got {name!r}")
+    outside = raw.get("allow_outside_root", False)
+    if not isinstance(outside, bool):
+        raise DataError(f"{where}: field 'allow_outside_root': expected true or false, got {outside!r}")
+    limits = _limits(raw.get("limits", {}), where)
     image_root_raw = raw.get("image_root", ".")
     if not isinstance(image_root_raw, str):
         raise DataError(f"{where}: field 'image_root': expected a path relative to the manifest, got {image_root_raw!r}")
@@ -133,18 +162,60 @@ def load_benchmark(manifest_path: str | Path, *, check_images: bool = True) -> B
     tasks: list[TaskData] = []
     seen: set[str] = set()
     for i, entry in enumerate(tasks_raw):
-        task = _task_from_manifest(entry, i, path, image_root)
+        task = _task_from_manifest(entry, i, path, image_root, limits, outside)
         if task.name in seen:
             raise DataError(f"{where}: tasks[{i}] field 'name': duplicate task name {task.name!r} (task names must be unique)")
         seen.add(task.name)
         tasks.append(task)
-    for task in tasks:
-        for split in SPLITS:
-            _read_entries(task.path(split), image_root, check_images=check_images)
-    return Benchmark(name=name.strip(), path=path.resolve(), tasks=tasks)
+    if check_images:
+        for task in tasks:
+            for split in SPLITS:
+                for e in task.entries(split):
+                    if e.image is not None:
+                        load_image(e.image, limits, f"{task.path(split)}: {e.label}")
+    return Benchmark(name=name.strip(), path=path.resolve(), image_root=image_root, tasks=tasks)
+
+
+def load_image(image: str | Path, limits: Limits, where: str) -> bytes:
+    """The image file's own bytes, after checking its size, its header's pixel count (before any
+    pixel is decoded) and that it decodes. ``where`` names the file and record in errors."""
+    try:
+        size = Path(image).stat().st_size
+    except OSError:
+        raise DataError(f"{where} field 'image': image file {image} not found") from None
+    if size > limits.max_image_bytes:
+        raise DataError(f"{where} field 'image': {image} has {size} bytes "
+                        f"(limit max_image_bytes={limits.max_image_bytes})")
+    data = Path(image).read_bytes()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            img = Image.open(io.BytesIO(data))
+        pixels = img.width * img.height
+        if pixels > limits.max_image_pixels:
+            raise DataError(f"{where} field 'image': {image} is {img.width}x{img.height} "
+                            f"(limit max_image_pixels={limits.max_image_pixels})")
+        img.load()
+    except Image.DecompressionBombError:
+        raise DataError(f"{where} field 'image': {image} has more pixels than PIL opens "
+                        f"(limit max_image_pixels={limits.max_image_pixels})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{where} field 'image': cannot decode {image} "
+                        f"(expected a PNG/JPEG/... image file; {type(err).__name__})") from None
+    return data
 
 
 # -- the manifest ------------------------------------------------------------------------------
+def _unknown_keys(raw: dict, valid: tuple[str, ...], where: str) -> None:
+    for key in raw:
+        if key not in valid:
+            near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise DataError(f"{where}: unknown key {key!r} ({hint}valid keys: {', '.join(valid)})")
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path}: manifest file not found")
@@ -157,8 +228,11 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: not valid YAML{at} ({problem})") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a UTF-8 text file (expected a YAML manifest)") from None
+    except RecursionError:
+        raise DataError(f"{path}: YAML nested too deeply (expected a flat manifest)") from None
     if not isinstance(raw, dict):
         raise DataError(f"{path}: expected a mapping with keys 'name', 'image_root', 'tasks', got {type(raw).__name__}")
+    _unknown_keys(raw, MANIFEST_KEYS, str(path))
     missing = [k for k in ("name", "tasks") if k not in raw]
     if missing:
         raise DataError(f"{path}: missing key(s) {', '.join(repr(k) for k in missing)} "
@@ -166,55 +240,105 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _task_from_manifest(entry: Any, i: int, path: Path, image_root: Path) -> TaskData:
+def _limits(raw: Any, where: str) -> Limits:
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: field 'limits': expected a mapping of {', '.join(LIMIT_KEYS)}, got {raw!r}")
+    _unknown_keys(raw, LIMIT_KEYS, f"{where}: field 'limits'")
+    for key, value in raw.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise DataError(f"{where}: field 'limits.{key}': expected a positive integer, got {value!r}")
+    return Limits(**raw)
+
+
+def _resolve(base: Path, rel: str, where: str) -> Path:
+    try:
+        return (base / rel).resolve()
+    except (OSError, ValueError, RuntimeError) as err:  # NUL bytes, symlink loops
+        raise DataError(f"{where}: cannot resolve {rel!r} ({type(err).__name__})") from None
+
+
+def _inside(target: Path, root: Path, outside_ok: bool) -> bool:
+    return outside_ok or target == root or target.is_relative_to(root)
+
+
+def _task_from_manifest(entry: Any, i: int, path: Path, image_root: Path, limits: Limits,
+                        outside_ok: bool) -> TaskData:
     where = f"{path}: tasks[{i}]"
     if not isinstance(entry, dict):
         raise DataError(f"{where}: expected a mapping with keys {', '.join(TASK_KEYS)}, got {entry!r}")
+    _unknown_keys(entry, TASK_KEYS, where)
     missing = [k for k in TASK_KEYS if k not in entry]
     if missing:
         label = f" ({entry['name']!r})" if isinstance(entry.get("name"), str) else ""
         raise DataError(f"{where}{label}: missing key(s) {', '.join(repr(k) for k in missing)} "
                         f"(expected {', '.join(TASK_KEYS)})")
     name = entry["name"]
-    if not isinstance(name, str) or not name.strip() or "/" in name:
-        raise DataError(f"{where} field 'name': expected a non-empty string without '/', got {name!r}")
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+        raise DataError(f"{where} field 'name': expected letters, digits, '.', '_' or '-' starting with a "
+                        f"letter or digit (at most 100; it names a folder), got {name!r}")
     where = f"{path}: task {name!r}"
     metric = entry["metric"]
     if metric not in METRICS:
         raise DataError(f"{where} field 'metric': unknown metric {metric!r} (valid: {', '.join(METRICS)})")
-    splits = {}
+    root = path.parent.resolve()
+    files = {}
     for split in SPLITS:
         rel = entry[split]
         if not isinstance(rel, str) or not rel:
             raise DataError(f"{where} field '{split}': expected a JSON path relative to the manifest, got {rel!r}")
-        file = (path.parent / rel).resolve()
+        file = _resolve(path.parent, rel, f"{where} field '{split}'")
+        if not _inside(file, root, outside_ok):
+            raise DataError(f"{where} field '{split}': {rel} resolves to {file}, outside the manifest's folder "
+                            f"{root} (set allow_outside_root: true to allow)")
         if not file.is_file():
             raise DataError(f"{where} field '{split}': JSON file {file} not found")
-        splits[split] = file
-    return TaskData(name=name, metric=metric, train_path=splits["train"], test_path=splits["test"],
-                    image_root=image_root)
+        files[split] = file
+    splits = {split: _read_entries(files[split], image_root, limits, outside_ok) for split in SPLITS}
+    return TaskData(name=name, metric=metric, train_path=files["train"], test_path=files["test"],
+                    image_root=image_root, limits=limits, splits=splits)
 
 
 # -- the JSON records --------------------------------------------------------------------------
-def _read_entries(path: Path, image_root: Path, *, check_images: bool) -> list[_Entry]:
+def _json_depth(text: str) -> int:
+    depth = deepest = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _read_entries(path: Path, image_root: Path, limits: Limits, outside_ok: bool) -> list[Entry]:
+    size = path.stat().st_size
+    if size > limits.max_json_bytes:
+        raise DataError(f"{path}: {size} bytes (limit max_json_bytes={limits.max_json_bytes})")
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: JSON file not found") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a UTF-8 text file (expected a JSON list of records)") from None
+    depth = _json_depth(text)
+    if depth > limits.max_json_depth:
+        raise DataError(f"{path}: JSON nested {depth} deep (limit max_json_depth={limits.max_json_depth})")
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno} ({err.msg})") from None
+    del text
     if not isinstance(raw, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
     if not raw:
         raise DataError(f"{path}: no records (expected a non-empty JSON list of records)")
-    return [_entry(rec, i, path, image_root, check_images) for i, rec in enumerate(raw)]
+    entries = []
+    seen: dict[str, int] = {}
+    for i, rec in enumerate(raw):
+        e = _entry(rec, i, path, image_root, outside_ok)
+        if e.id in seen:
+            raise DataError(f"{path}: {e.label} field 'id': duplicate of record #{seen[e.id]} (ids must be unique)")
+        seen[e.id] = i
+        entries.append(e)
+    return entries
 
 
-def _entry(rec: Any, index: int, path: Path, image_root: Path, check_images: bool) -> _Entry:
+def _entry(rec: Any, index: int, path: Path, image_root: Path, outside_ok: bool) -> Entry:
     if not isinstance(rec, dict):
         raise DataError(f"{path}: record #{index}: expected a JSON object with 'id' and 'conversations', "
                         f"got {type(rec).__name__}")
@@ -234,7 +358,7 @@ def _entry(rec: Any, index: int, path: Path, image_root: Path, check_images: boo
     for j, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or "value" not in turn:
             raise DataError(f"{where} field 'conversations[{j}]': expected {{'from': 'human'|'gpt', 'value': text}}, "
-                            f"got {turn!r}")
+                            f"got {turn!r}"[:300])
         role = turn["from"].lower()
         if human is None and role in HUMAN_ROLES:
             human = j
@@ -245,7 +369,11 @@ def _entry(rec: Any, index: int, path: Path, image_root: Path, check_images: boo
         raise DataError(f"{where} field 'conversations': no 'human' turn (expected the question first)")
     question = turns[human]["value"]
     if not isinstance(question, str):
-        raise DataError(f"{where} field 'conversations[{human}].value': expected text, got {question!r}")
+        raise DataError(f"{where} field 'conversations[{human}].value': expected text, got {question!r}"[:300])
+    instruction = question.replace(IMAGE_MARKER, "").strip()
+    if not instruction:
+        raise DataError(f"{where} field 'conversations[{human}].value': empty instruction "
+                        f"(expected a question besides {IMAGE_MARKER})")
     if gpt is None:
         raise DataError(f"{where} field 'conversations': no answer (expected a 'gpt' turn after the 'human' turn)")
     answer = turns[gpt]["value"]
@@ -255,37 +383,12 @@ def _entry(rec: Any, index: int, path: Path, image_root: Path, check_images: boo
     if rec.get("image") is not None:
         rel = rec["image"]
         if not isinstance(rel, str) or not rel:
-            raise DataError(f"{where} field 'image': expected a path relative to image_root, got {rel!r}")
-        image = image_root / rel
-        if not image.is_file():
-            raise DataError(f"{where} field 'image': image file {image} not found")
-        if check_images:
-            _decode(image.read_bytes(), image, path, label)
-    instruction = question.replace(IMAGE_MARKER, "").strip()
-    return _Entry(id=rid, image=image, instruction=instruction, answer=str(answer).strip())
-
-
-def _decode(data: bytes, image: Path, path: Path, label: str) -> Image.Image:
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: {label} field 'image': cannot decode {image} "
-                        f"(expected a PNG/JPEG/... image file; {type(err).__name__})") from None
-    return img
-
-
-def _png_bytes(image: Path, path: Path, rid: str) -> bytes:
-    """The file's bytes when it is a PNG, else the decoded image re-encoded as PNG."""
-    try:
-        data = image.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: record {rid!r} field 'image': image file {image} not found") from None
-    if data.startswith(PNG_MAGIC):
-        return data  # decodability was checked at load
-    img = _decode(data, image, path, f"record {rid!r}")
-    if img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
-        img = img.convert("RGB")  # e.g. CMYK or YCbCr JPEGs, which PNG cannot store
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+            raise DataError(f"{where} field 'image': expected a path relative to image_root, got {rel!r}"[:300])
+        file = _resolve(image_root, rel, f"{where} field 'image'")
+        if not _inside(file, image_root, outside_ok):
+            raise DataError(f"{where} field 'image': {rel} resolves to {file}, outside image_root {image_root} "
+                            "(set allow_outside_root: true to allow)")
+        if not file.is_file():
+            raise DataError(f"{where} field 'image': image file {image_root / rel} not found")
+        image = str(file)
+    return Entry(id=rid, label=label, image=image, instruction=instruction, answer=str(answer).strip())

@@ -12,13 +12,23 @@ METRICS = ("exact", "lower_exact", "option_letter", "vqa", "contains", "iou", "i
 SCHEMA_FIELDS = ("id", "task", "image", "instruction", "answer", "metric")
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``): a name taken from user data
+    can neither break an error line in two nor send terminal escapes."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 class DataError(ValueError):
     """Bad input data; the message is one line naming the file, record and field."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(printable(message))
 
 
 @dataclass(frozen=True)
 class Record:
-    """One example. ``image`` holds encoded PNG bytes (None: a text-only example)."""
+    """One example. ``image`` holds the image file's own encoded bytes (PNG, JPEG, ...; None: a
+    text-only example): preparing data never re-encodes an image."""
 
     id: str
     task: str

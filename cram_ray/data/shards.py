@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cram_ray.data.records import SCHEMA_FIELDS, DataError, Record
@@ -35,27 +36,30 @@ def records_table(records: Sequence[Record]) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
+def write_table(table: pa.Table, path: str, fs: pafs.FileSystem) -> None:
+    """One shard at ``path`` of ``fs``, made visible whole (temporary name, then move)."""
+    tmp = f"{path.rsplit('/', 1)[0]}/.{path.rsplit('/', 1)[1]}.tmp"
+    pq.write_table(table, tmp, compression="zstd", filesystem=fs)
+    fs.move(tmp, path)
+
+
 def write_shards(records: Sequence[Record], out_dir: str | os.PathLike, rows_per_shard: int = 512) -> list[Path]:
     """Write ``records`` as ``out_dir/part-00000.parquet``, ... of at most ``rows_per_shard`` rows.
 
-    Shards already in ``out_dir`` are replaced (a rewrite with fewer records leaves no stale
-    part). Zero records still give one empty shard, so the directory always carries the schema.
-    Each shard is written under a temporary name and renamed into place.
+    A folder of shards is written once: one that already holds shards is refused, never emptied.
+    Zero records still give one empty shard, so the directory always carries the schema.
     """
     if rows_per_shard < 1:
         raise ValueError(f"write_shards: rows_per_shard must be >= 1, got {rows_per_shard}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(SHARD_GLOB):
-        stale.unlink()
+    if any(out.glob(SHARD_GLOB)):
+        raise DataError(f"{out}: already holds shards (expected an empty folder; shards are written once)")
+    fs = pafs.LocalFileSystem()
     paths = []
-    starts = range(0, max(len(records), 1), rows_per_shard)
-    for k, start in enumerate(starts):
-        table = records_table(records[start:start + rows_per_shard])
+    for k, start in enumerate(range(0, max(len(records), 1), rows_per_shard)):
         path = out / shard_name(k)
-        tmp = out / f".{path.name}.tmp"
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
+        write_table(records_table(records[start:start + rows_per_shard]), str(path), fs)
         paths.append(path)
     return paths
 

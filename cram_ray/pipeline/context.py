@@ -33,6 +33,7 @@ class TaskMeta:
     metric: str
     n_train: int
     n_test: int
+    dataset: str  # the prepared benchmark under the storage root, datasets/<content hash>
 
 
 @dataclass
@@ -54,7 +55,14 @@ class StageContext:
         return TaskInfo(index=task, name=meta.name, metric=meta.metric)
 
     def shard_rel(self, task: int, split: str) -> str:
-        return f"{self.run_id}/data/{self.tasks[task].name}/{split}"
+        """The folder of a task's split's shards, relative to the storage root (shared by every run
+        on the same benchmark content)."""
+        meta = self.tasks[task]
+        return f"{meta.dataset}/{meta.name}/{split}"
+
+    @property
+    def corpus_rel(self) -> str:
+        return f"{self.tasks[0].dataset}/corpus.json"
 
     def to_json(self) -> dict[str, Any]:
         return {"cfg": self.cfg.to_dict(), "run_id": self.run_id,

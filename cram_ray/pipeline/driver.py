@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
-from cram_ray.config import StreamConfig, config_hash
+from cram_ray.config import ConfigError, StreamConfig, config_hash, flatten
+from cram_ray.data.records import DataError
 from cram_ray.eval.metrics import summarize
 from cram_ray.pipeline.context import StageContext, TaskMeta
 from cram_ray.pipeline.ledger import STAGES, Ledger, StageResult, Storage
@@ -62,49 +63,81 @@ def code_versions() -> dict[str, int]:
 
 
 def default_run_id(cfg: StreamConfig) -> str:
-    """Same config and code versions -> same run id, so rerunning a finished or interrupted stream
-    resumes it, while a run made on an older base or benchmark is never resumed on a newer one."""
-    return f"{cfg.method.name}-{config_hash({'config': cfg.to_dict(), 'versions': code_versions()})[:10]}"
+    """Same config, benchmark content and code versions -> same run id, so rerunning a finished or
+    interrupted stream resumes it, while a run made on an older base or on other benchmark files is
+    never resumed."""
+    tree: dict[str, Any] = {"config": cfg.to_dict(), "versions": code_versions()}
+    if cfg.data.benchmark:  # the built-in benchmark's content is its config and generator version
+        tree["benchmark"] = benchmark_identity(cfg)[1].hash
+    return f"{cfg.method.name}-{config_hash(tree)[:10]}"
 
 
-def prepare_data(cfg: StreamConfig, run_id: str) -> list[TaskMeta]:
-    """Shards of every task and split under ``<storage>/<run_id>/data`` (done once per run)."""
+# where a stream runs and how it survives faults, not what it computes: may differ on a resume
+RESUMABLE_KEYS = ("storage", "train.executor", "train.ray_address", "train.max_failures", "train.stage_retries",
+                  "train.checkpoint_every", "tracking.", "tune.")
+
+
+def benchmark_identity(cfg: StreamConfig) -> tuple[Any, Any, list[str]]:
+    """(benchmark metadata, content identity, tokenizer corpus) of the stream's benchmark."""
     from cram_ray.data.builtin import generate_builtin, vocabulary_texts
+    from cram_ray.data.identity import identify
     from cram_ray.data.manifest import load_benchmark
-    from cram_ray.data.shards import write_shards
+
+    cache = Path(cfg.data.cache_dir).expanduser()
+    if cfg.data.benchmark:
+        bench = load_benchmark(cfg.data.benchmark, check_images=False)
+        corpus = [f"{e.instruction} {e.answer}" for t in bench.tasks for e in t.entries("train")]
+    else:
+        bench = load_benchmark(generate_builtin(cfg.data.builtin, cache / "builtin"), check_images=False)
+        corpus = vocabulary_texts()
+    return bench, identify(bench, cache / "content"), corpus
+
+
+def _check_same_run(recorded: dict[str, Any], cfg: StreamConfig, identity: Any, storage: Storage) -> None:
+    """A resumed run must see the benchmark and config it started with (one line naming what differs)."""
+    from cram_ray.data.prepare import FILES
+
+    if recorded.get("benchmark_hash") != identity.hash:
+        old_files: dict[str, str] = {}
+        dataset = recorded.get("dataset")
+        if dataset and storage.exists(f"{dataset}/{FILES}"):
+            old_files = json.loads(storage.read_bytes(f"{dataset}/{FILES}"))
+        changed = identity.first_difference(old_files) if old_files else identity.paths["manifest"]
+        raise DataError(f"benchmark changed since this run started: {changed}; use a new --run-id or --restart")
+    old, new = flatten(recorded.get("config", {})), flatten(json.loads(json.dumps(cfg.to_dict())))
+    for key in sorted(set(old) | set(new)):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+            continue
+        if old.get(key, "(unset)") != new.get(key, "(unset)"):
+            raise ConfigError(f"config changed since this run started: {key} was {old.get(key, '(unset)')!r}, "
+                              f"now {new.get(key, '(unset)')!r}; use a new --run-id or --restart")
+
+
+def prepare_data(cfg: StreamConfig, run_id: str, *, restart: bool = False) -> list[TaskMeta]:
+    """The stream's tasks, their shards prepared once per benchmark content under
+    ``<storage>/datasets/<hash>`` and shared by every run; the run records the benchmark hash and
+    config it started with, and a resume with either changed fails (unless ``restart``)."""
+    from cram_ray.data.prepare import dataset_rel, find, prepare
 
     storage = Storage(cfg.storage)
     ledger = Ledger(storage, run_id)
-    rel = f"{run_id}/{DATA_STAGE}"
-    done = ledger.verify(-1, DATA_STAGE)
-    if done is not None:
-        return [TaskMeta(**t) for t in done.metrics["tasks"]]
-    t0 = time.time()
-    if cfg.data.benchmark:
-        manifest = Path(cfg.data.benchmark)
-        corpus: list[str] = []
-    else:
-        cache = Path(cfg.data.cache_dir).expanduser() / "builtin"
-        manifest = generate_builtin(cfg.data.builtin, cache)
-        corpus = vocabulary_texts()
-    bench = load_benchmark(manifest)
-    metas = []
-    with tempfile.TemporaryDirectory(prefix="cram-data-") as tmp:
-        out = Path(tmp)
-        for task in bench.tasks:
-            counts = {}
-            for split in ("train", "test"):
-                records = task.records(split)
-                counts[split] = len(records)
-                write_shards(records, out / task.name / split)
-                if split == "train" and cfg.data.benchmark:
-                    corpus.extend(f"{r.instruction} {r.answer}" for r in records)
-            metas.append(TaskMeta(task.name, task.metric, counts["train"], counts["test"]))
-        (out / "corpus.json").write_text(json.dumps(sorted(set(corpus))))
-        result = StageResult(DATA_STAGE, -1, {"benchmark": bench.name, "tasks": [m.__dict__ for m in metas]},
-                             time.time() - t0)
-        ledger.commit(result, out)
-    print(f"[data] {bench.name}: {len(metas)} tasks prepared in {time.time() - t0:.1f}s", flush=True)
+    bench, identity, corpus = benchmark_identity(cfg)
+    recorded = None if restart else ledger.marker(-1, DATA_STAGE)
+    if recorded is not None:
+        _check_same_run(recorded["result"]["metrics"], cfg, identity, storage)
+    rel = dataset_rel(identity)
+    use_ray = cfg.train.executor == "ray" and find(storage, rel) is None
+    if use_ray:  # the executor connects at its first stage; the image pass needs the cluster now
+        from cram_ray.pipeline.ray_cluster import connect
+
+        connect(cfg.train)
+    marker = prepare(bench, identity, storage, rel, corpus=corpus, use_ray=use_ray)
+    metas = [TaskMeta(t["name"], t["metric"], t["train"], t["test"], rel) for t in marker["tasks"]]
+    if recorded is None:
+        metrics = {"benchmark": bench.name, "benchmark_hash": identity.hash, "dataset": rel,
+                   "config": cfg.to_dict(), "tasks": [m.__dict__ for m in metas]}
+        with tempfile.TemporaryDirectory(prefix="cram-data-") as empty:
+            ledger.commit(StageResult(DATA_STAGE, -1, metrics), Path(empty))
     return metas
 
 
@@ -135,19 +168,21 @@ def run_stream(
     tracker: Any = None,
     benchmark_name: Optional[str] = None,
     on_task: Optional[Callable[[int, dict[str, Any]], None]] = None,
+    restart: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the whole stream; returns the summary (DESIGN §8).
 
     ``on_task(t, progress)`` is called after task ``t``'s evaluation, also for tasks a resumed
     run verified rather than ran, with the running MFT/MFN/MAA/BWT, ``params_added_total`` so far,
-    the routing accuracy and ``tasks_done`` (a Tune trial reports these).
+    the routing accuracy and ``tasks_done`` (a Tune trial reports these). ``restart`` reruns every
+    stage of the run from the data stage instead of resuming.
     """
     t_start = time.time()
-    tasks = prepare_data(cfg, run_id)
+    tasks = prepare_data(cfg, run_id, restart=restart)
     ctx = StageContext(cfg, run_id, tasks)
     ledger = ctx.ledger
     results: dict[tuple[int, str], StageResult] = {}
-    redo = False  # once one stage reruns, every later stage reruns too (their inputs changed)
+    redo = restart  # once one stage reruns, every later stage reruns too (their inputs changed)
     ran: list[tuple[int, str]] = []
     for t in range(len(tasks)):
         for stage in STAGES:

@@ -52,14 +52,15 @@ def where_line(cfg: StreamConfig, out: Union[str, Path]) -> str:
 
 def run_and_report(cfg: StreamConfig, *, out: Union[str, Path], run_id: Optional[str] = None,
                    on_task: Optional[Callable[[int, dict[str, Any]], None]] = None,
-                   mlflow_tags: Optional[dict[str, Any]] = None, lock_wait: float = 0.0) -> dict[str, Any]:
+                   mlflow_tags: Optional[dict[str, Any]] = None, lock_wait: float = 0.0,
+                   restart: bool = False) -> dict[str, Any]:
     """Run or resume the stream, then write ``out/summary.json`` + plots and log them to MLflow.
 
     ``out`` is a local directory or an object-store URI; the run's lock is held on it throughout
     (a second driver on the same ``out`` stops with :class:`RunLocked`, after ``lock_wait``
     seconds of retrying). ``on_task`` is passed to
     :func:`run_stream`; ``mlflow_tags`` are set on the stream's run (e.g. ``mlflow.parentRunId``
-    to nest it under a study or comparison).
+    to nest it under a study or comparison); ``restart`` reruns the run from its data stage.
     """
     store = Storage(str(out))
     run_id = run_id or default_run_id(cfg)
@@ -70,7 +71,7 @@ def run_and_report(cfg: StreamConfig, *, out: Union[str, Path], run_id: Optional
         place = tracking_place(cfg, store)
         place.pull(store)
         try:
-            summary = _run(cfg, store, files, Path(tmp), place, run_id, on_task, mlflow_tags)
+            summary = _run(cfg, store, files, Path(tmp), place, run_id, on_task, mlflow_tags, restart)
         finally:
             place.push(store)
         print(format_matrix(summary), flush=True)
@@ -79,7 +80,7 @@ def run_and_report(cfg: StreamConfig, *, out: Union[str, Path], run_id: Optional
 
 def _run(cfg: StreamConfig, store: Storage, files: Path, scratch: Path, place: TrackingPlace, run_id: str,
          on_task: Optional[Callable[[int, dict[str, Any]], None]],
-         mlflow_tags: Optional[dict[str, Any]]) -> dict[str, Any]:
+         mlflow_tags: Optional[dict[str, Any]], restart: bool) -> dict[str, Any]:
     from cram_ray.pipeline.track import StreamReporter
 
     executor = make_executor(cfg)
@@ -89,7 +90,8 @@ def _run(cfg: StreamConfig, store: Storage, files: Path, scratch: Path, place: T
     print(f"[stream] run {run_id}: method {cfg.method.name}, executor {cfg.train.executor}, "
           f"storage {cfg.storage}" + (f", mlflow run {reporter.run_id}" if reporter.run_id else ""), flush=True)
     try:
-        summary = run_stream(cfg, run_id=run_id, executor=executor, tracker=reporter, on_task=on_task)
+        summary = run_stream(cfg, run_id=run_id, executor=executor, tracker=reporter, on_task=on_task,
+                             restart=restart)
     except BaseException:
         reporter.fail()
         raise

@@ -32,11 +32,12 @@ def test_round_trip_is_exact(tmp_path, n, rows, shards):
     assert read_shards(tmp_path / "s") == recs
 
 
-def test_rewrite_with_fewer_records_leaves_no_stale_shard(tmp_path):
+def test_a_folder_of_shards_is_written_once(tmp_path):
     write_shards(_records(10), tmp_path, rows_per_shard=2)
-    write_shards(_records(3), tmp_path, rows_per_shard=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
-    assert read_shards(tmp_path) == _records(3)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(DataError, match="already holds shards"):
+        write_shards(_records(3), tmp_path, rows_per_shard=2)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_no_records_still_writes_the_schema(tmp_path):
