@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cram_ray.cli import add_config_flags, add_restart_flag, dry_run, fail_cleanly, resolve_config  # noqa: E402
 from cram_ray.config import ConfigError, StreamConfig, config_hash  # noqa: E402
-from cram_ray.pipeline.ledger import Storage  # noqa: E402
+from cram_ray.pipeline.ledger import Storage, normalize_location  # noqa: E402
 from cram_ray.pipeline.outputs import tracking_place  # noqa: E402
 
 DEFAULT_METHODS = "cram,same,olora,moelora,hide,lora_ft,oracle"
@@ -114,8 +114,8 @@ def run_config(args: argparse.Namespace, method: str, seed: int, extra: list[str
     ns.overrides = list(args.overrides) + variant_overrides(method) + [f"train.seed={seed}"] + extra
     cfg = resolve_config(ns)
     # one storage root for every stream: the benchmark is prepared once, run ids keep the ledgers apart
-    own_dir = cfg.storage == str(Path(ns.out).resolve())  # storage came from --out, not from the config
-    return cfg.replace(storage=str(Path(args.out).resolve())) if own_dir else cfg
+    own_dir = cfg.storage == normalize_location(ns.out)  # storage came from --out, not from the config
+    return cfg.replace(storage=normalize_location(args.out)) if own_dir else cfg
 
 
 def stage_time(summary: dict[str, Any]) -> float:
