@@ -19,6 +19,7 @@ from cram_ray.eval.metrics import summarize
 from cram_ray.pipeline.context import StageContext, TaskMeta
 from cram_ray.pipeline.ledger import STAGES, Ledger, StageResult, Storage
 from cram_ray.pipeline.stages import STAGE_FUNCS
+from cram_ray.train.progress import duration, task_prefix
 
 DATA_STAGE = "data"
 
@@ -136,7 +137,7 @@ def run_stream(
     benchmark_name: Optional[str] = None,
     on_task: Optional[Callable[[int, dict[str, Any]], None]] = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the whole stream; returns the summary (DESIGN §8).
+    """Run (or resume) the whole stream; returns the summary (docs/DESIGN.md §8).
 
     ``on_task(t, progress)`` is called after task ``t``'s evaluation, also for tasks a resumed
     run verified rather than ran, with the running MFT/MFN/MAA/BWT, ``params_added_total`` so far,
@@ -150,16 +151,27 @@ def run_stream(
     redo = False  # once one stage reruns, every later stage reruns too (their inputs changed)
     ran: list[tuple[int, str]] = []
     for t in range(len(tasks)):
+        prefix = task_prefix(t, len(tasks), tasks[t].name)
+        skipped = []
         for stage in STAGES:
             res = None if redo else ledger.verify(t, stage)
             if res is None:
+                if skipped:
+                    print(f"{prefix} {', '.join(skipped)}: done earlier, kept", flush=True)
+                    skipped = []
                 redo = True
                 ledger.invalidate(t, stage)
+                print(f"{prefix} {stage} ...", flush=True)
                 res = executor.run(ctx, t, stage)
+                print(f"{prefix} {stage} done in {duration(res.seconds)}", flush=True)
                 ran.append((t, stage))
                 if tracker is not None:
                     tracker.stage_done(res, tasks)
+            else:
+                skipped.append(stage)
             results[(t, stage)] = res
+        if skipped:
+            print(f"{prefix} {', '.join(skipped)}: done earlier, kept", flush=True)
         if tracker is not None and redo:
             matrix = [results[(i, "evaluate")].metrics["row"] for i in range(t + 1)]
             tracker.task_done(t, tasks, {s: results[(t, s)] for s in STAGES}, matrix)

@@ -4,7 +4,7 @@
 submit``) or a ``ray start`` cluster on this machine (``address="auto"``), else start an embedded
 local cluster whose logical CPUs are over-subscribed: on a 2-core machine, two one-CPU Train
 workers would otherwise leave Ray Data no CPU to schedule its read/decode tasks on, and the run
-hangs (DESIGN §9). Workers find DeepSpeed's op cache through ``TORCH_EXTENSIONS_DIR`` (defaulted
+hangs (docs/DESIGN.md §9). Workers find DeepSpeed's op cache through ``TORCH_EXTENSIONS_DIR`` (defaulted
 in the worker to a directory inside the Python environment, see cram_ray/train/fit.py).
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 from typing import Callable
 
 from cram_ray.config import TrainConfig
+from cram_ray.pipeline.logs import ray_init_options, route_ray_output
 
 MIN_LOCAL_CPUS = 4
 
@@ -34,18 +35,21 @@ def connect(train: TrainConfig, log: Callable[[str], None] = print) -> str:
     quiet_data()
     address = train.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **ray_init_options())
+        route_ray_output()
         log(f"[ray] connected to {address}")
         return "address"
     try:
-        ray.init(address="auto", log_to_driver=True)
+        ray.init(address="auto", **ray_init_options())
+        route_ray_output()
         log("[ray] connected to the running cluster on this machine")
         return "cluster"
     except ConnectionError:
         pass
     cpus = local_cpus(train)
     # address="local": never attach to whatever cluster /tmp/ray/ray_current_cluster names
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, **ray_init_options())
+    route_ray_output()
     log(f"[ray] started an embedded local cluster with {cpus} logical CPUs on {os.cpu_count()} cores")
     return "local"
 

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 from cram_ray.config import StreamConfig
 from cram_ray.pipeline.driver import LocalExecutor, default_run_id, format_matrix, run_stream
 from cram_ray.pipeline.ledger import Storage
+from cram_ray.pipeline.logs import log_file, set_log_dir
 
 
 def make_executor(cfg: StreamConfig):
@@ -53,6 +54,7 @@ def run_and_report(cfg: StreamConfig, *, out: Path, run_id: Optional[str] = None
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     run_id = run_id or default_run_id(cfg)
+    set_log_dir(out / "logs")
     executor = make_executor(cfg)
     reporter = StreamReporter(cfg, out, run_id, previous_mlflow_run(out, run_id))
     if mlflow_tags:
@@ -69,5 +71,19 @@ def run_and_report(cfg: StreamConfig, *, out: Path, run_id: Optional[str] = None
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     write_plots(summary, out)
     reporter.finish(summary, out, Storage(cfg.storage), run_id)
-    print(format_matrix(summary), flush=True)
+    print(format_matrix(summary) + "\n" + where_text(out, reporter.tracker.uri, reporter.run_id), flush=True)
     return summary
+
+
+def where_text(out: Path, tracking_uri: Optional[str], mlflow_run: Optional[str]) -> str:
+    """The closing lines: where the results are and how to open them."""
+    lines = [f"summary  {out / 'summary.json'}"]
+    lines += [f"plot     {out / name}" for name in ("accuracy_matrix.png", "rank_map.png", "routing_confusion.png")
+              if (out / name).exists()]
+    if tracking_uri:
+        lines += [f"MLflow   run {mlflow_run} in {tracking_uri}",
+                  f"         browse: mlflow ui --backend-store-uri {tracking_uri}"]
+    ray_log = log_file()
+    if ray_log is not None and ray_log.exists():
+        lines.append(f"Ray log  {ray_log}")
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""Under Ray the console shows the project's lines once and errors; everything else goes to a file."""
+import pytest
+
+from cram_ray.pipeline import logs
+
+
+@pytest.fixture
+def log_dir(tmp_path):
+    logs.set_log_dir(tmp_path / "logs")
+    yield tmp_path / "logs"
+    logs.set_log_dir(None)
+
+
+def batch(*lines, **extra):
+    return {"lines": list(lines), "pid": 7, "actor_name": "RayTrainWorker", "is_err": False, **extra}
+
+
+def test_project_lines_reach_the_console_once_and_ray_chatter_only_the_file(log_dir, capsys):
+    printed_by_ray = []
+    handle = logs.filtered_printer(printed_by_ray.append)
+    handle(batch("[task 1/3 count] train 5/10 2.00 it/s ETA 3s ce=1.0000",
+                 "Failed to query Ray Train Controller actor state. Continuing to monitor.",
+                 "[base] step 40/40 loss=4.3670"))
+    handle(batch("WARNING: 8 PYTHON worker processes have been started on node", pid="raylet"))
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["[task 1/3 count] train 5/10 2.00 it/s ETA 3s ce=1.0000", "[base] step 40/40 loss=4.3670"]
+    assert printed_by_ray == []
+    text = (log_dir / "ray.log").read_text()
+    assert "Failed to query Ray Train Controller" in text and "PYTHON worker processes" in text
+    assert "(RayTrainWorker pid=7) [base] step 40/40" in text
+
+
+def test_a_batch_with_an_error_is_printed_as_ray_prints_it(log_dir, capsys):
+    printed_by_ray = []
+    handle = logs.filtered_printer(printed_by_ray.append)
+    error = batch("Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: bad", is_err=True)
+    handle(error)
+    assert printed_by_ray == [error]
+    assert capsys.readouterr().out == ""
+
+
+def test_project_line_pattern():
+    ours, error = logs.split_batch(["[task 12/12 ocr] evaluate: scores 1.0", "[ray] task 0: Train run",
+                                    "[taskforce] not ours", "Loading weights: 100%"])
+    assert ours == ["[task 12/12 ocr] evaluate: scores 1.0", "[ray] task 0: Train run"] and not error
