@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class BuiltinBenchmarkConfig:
-    """The built-in offline benchmark (DESIGN §5)."""
+    """The built-in offline benchmark (docs/DESIGN.md §5)."""
 
     tasks: list[str] = field(
         default_factory=lambda: [
@@ -107,7 +107,7 @@ class ModelConfig:
 
 @dataclass
 class CramConfig:
-    """CRAM hyperparameters (DESIGN §3). Defaults are scaled for the tiny model; see README."""
+    """CRAM hyperparameters (docs/DESIGN.md §3). Defaults are scaled for the tiny model; see README."""
 
     buf_rank: int = 16  # probe buffer rank (48 at 7B)
     rank_min: int = 2  # rank floor per layer (4 at 7B)
@@ -139,7 +139,7 @@ class CramConfig:
 
 @dataclass
 class BaselineConfig:
-    """Settings of the comparison methods (DESIGN §4)."""
+    """Settings of the comparison methods (docs/DESIGN.md §4)."""
 
     moelora_experts: int = 4  # MoELoRA: experts of rank lora_rank / E
     olora_lambda: float = 0.5  # O-LoRA orthogonality weight

@@ -162,7 +162,7 @@ def render_markdown(rows: list[dict[str, Any]], summaries: list[dict[str, Any]],
         f"transformers {pkgs.get('transformers', '?')}",
         f"- command: `{command}`", "",
         markdown_table(rows, ["method", "seeds", *COLUMNS]),
-        "Scores in percent (DESIGN §7): MFT = mean accuracy on each task right after learning it; MFN = mean "
+        "Scores in percent (docs/DESIGN.md §7): MFT = mean accuracy on each task right after learning it; MFN = mean "
         "final accuracy; MAA = mean accuracy along the stream; BWT = mean final minus just-learned accuracy "
         "(forgetting); routing acc. = share of test samples routed to their own task's expert (- = no "
         "routing decision); params added = parameters the deployed model gained over the stream; stage time "

@@ -1,4 +1,4 @@
-"""HiDe-LLaVA: task-specific expansion in the last block, task-general fusion below (DESIGN §4;
+"""HiDe-LLaVA: task-specific expansion in the last block, task-general fusion below (docs/DESIGN.md §4;
 Guo et al., ACL 2025).
 
 Every task adds one expert slot on the target linears of every transformer block, and two anchors:

@@ -1,5 +1,5 @@
 """MoELoRA (CoIN's baseline): E LoRA experts of rank r/E per target linear, mixed per token by a
-softmax gate, all trained on every task in turn (DESIGN §4).
+softmax gate, all trained on every task in turn (docs/DESIGN.md §4).
 
 Like LoRA-FT the adapters are shared by the whole stream and added once, with the first task; the
 gate decides per token, not per task, so there is no routing decision to score.

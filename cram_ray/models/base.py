@@ -2,7 +2,7 @@
 
 The stream's experts learn task skills and answer formats on top of a frozen base, so the base must
 already see the visual concepts the tasks ask about (colours, shapes, counts, digits, words,
-positions; DESIGN §6). :func:`get_base_vlm` builds the compact tokenizer, then looks for
+positions; docs/DESIGN.md §6). :func:`get_base_vlm` builds the compact tokenizer, then looks for
 ``<cache_dir>/base/<key>/`` where ``key`` hashes everything that decides the weights (architecture,
 base-training settings, text budget, vocabulary, the mix). When absent it pretrains every parameter
 with AdamW (linear warm-up, cosine decay), measures greedy exact match on held-out mix records, and

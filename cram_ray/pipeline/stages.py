@@ -1,4 +1,4 @@
-"""The five per-task stages of DESIGN §2 as plain functions of explicit inputs and outputs.
+"""The five per-task stages of docs/DESIGN.md §2 as plain functions of explicit inputs and outputs.
 
 ``stage(ctx, task, workdir) -> StageResult``: each reads the stream state the previous stage left
 on storage, does its work, and writes its outputs (the new state as safetensors + JSON, reports,

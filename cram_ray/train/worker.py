@@ -13,7 +13,7 @@ Every rank runs :func:`train_loop_per_worker`. For each sub-stage of the run, in
    ``Ledger.commit``, then all ranks meet at a barrier before the next sub-stage restores it.
 
 Inside probe and train, every ``train.checkpoint_every`` steps all ranks save a checkpoint
-(DeepSpeed's save is a collective; CONVENTIONS #6) and report it with ``ray.train.report``. After
+(DeepSpeed's save is a collective, so no rank may skip it) and report it with ``ray.train.report``. After
 a worker failure, Ray Train restarts the group; the new attempt skips committed sub-stages and
 resumes the interrupted one from ``ray.train.get_checkpoint()`` when the checkpoint's sub-stage and
 inputs (the checksums of the state it started from) match.

@@ -1,4 +1,4 @@
-"""Adaptive-rank allocation (DESIGN §3, §8): equals a truncated SVD, floors, caps, novelty."""
+"""Adaptive-rank allocation (docs/DESIGN.md §3, §8): equals a truncated SVD, floors, caps, novelty."""
 import time
 
 import torch

@@ -1,4 +1,4 @@
-"""Adaptive-rank instantiation of a new expert from the probe buffer (DESIGN §3 and §8).
+"""Adaptive-rank instantiation of a new expert from the probe buffer (docs/DESIGN.md §3 and §8).
 
 Per target linear, the probe buffer's update ``scale * B_buf A_buf`` (d_out x d_in, rank r) is
 decomposed without ever forming it: ``B_buf = Q_B R_B`` (thin QR), then the small SVD
