@@ -43,3 +43,17 @@ def test_project_line_pattern():
     ours, error = logs.split_batch(["[task 12/12 ocr] evaluate: scores 1.0", "[ray] task 0: Train run",
                                     "[taskforce] not ours", "Loading weights: 100%"])
     assert ours == ["[task 12/12 ocr] evaluate: scores 1.0", "[ray] task 0: Train run"] and not error
+
+
+def test_closing_lines_name_every_output_and_the_mlflow_command(tmp_path, log_dir):
+    from cram_ray.pipeline.run import where_text
+
+    for name in ("summary.json", "accuracy_matrix.png", "rank_map.png"):
+        (tmp_path / name).write_text("x")
+    logs._write(["a Ray line"])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    text = where_text(tmp_path, uri, "abc123")
+    assert f"{tmp_path / 'summary.json'}" in text and f"{tmp_path / 'rank_map.png'}" in text
+    assert "routing_confusion.png" not in text  # not written: not named
+    assert f"mlflow ui --backend-store-uri {uri}" in text and "abc123" in text
+    assert str(log_dir / "ray.log") in text
