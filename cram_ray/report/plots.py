@@ -21,8 +21,8 @@ DPI = 120
 MAX_ANNOTATED_CELLS = 400  # above this, cell values are left to the colour bar
 
 
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI)
+def _figure(width: float, height: float, layout: Optional[str] = None) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -157,7 +157,8 @@ def rank_map_figure(ranks: Union[Mapping[str, Sequence[float]], np.ndarray, Sequ
     label_width = 0.08 * max(len(c) for c in col_labels)  # column labels are rotated: their length is height
     panel_w = 0.6 + 0.3 * len(col_labels)
     panel_h = 0.7 + label_width + 0.16 * len(row_labels)
-    fig = _figure(0.8 + panel_w * n_cols, 0.5 + panel_h * n_rows)
+    # constrained: the suptitle, panel titles and the shared colour bar never overlap
+    fig = _figure(0.8 + panel_w * n_cols, 0.5 + panel_h * n_rows, layout="constrained")
     axes = fig.subplots(n_rows, n_cols, squeeze=False, sharey=True)
     font = 8 if len(row_labels) <= 16 else 6
     im = None
@@ -174,7 +175,7 @@ def rank_map_figure(ranks: Union[Mapping[str, Sequence[float]], np.ndarray, Sequ
         if t % n_cols == 0:
             ax.set_ylabel("block")
     fig.suptitle(title)
-    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02, label="rank")
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.03, label="rank")
     return fig
 
 
