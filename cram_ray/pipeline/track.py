@@ -5,8 +5,8 @@ results. One parent run per stream with the flattened config as params, the code
 (MLflow's ``mlflow.source.git.commit`` tag, or the package version outside a checkout), and
 ``config.yaml`` + ``environment.json`` as artifacts; one nested run per task with its stages'
 numbers, the probe's and the training's loss curves (``probe.loss``, ``train.loss`` by step) and
-the expert's per-layer ranks as ``ranks.json``; accuracy-matrix rows and the running MFT/MFN/MAA/BWT
-on the parent at step t, the final values at the last task's step; summary.json, plots,
+the per-layer ranks as ``ranks/<stage>.json``; accuracy-matrix rows and the running
+MFT/MFN/MAA/BWT on the parent at step t, the final values at the last task's step; summary.json, plots,
 ``ranks.csv`` (layer x task), final expert weights and the predictions as artifacts.
 """
 from __future__ import annotations
@@ -71,12 +71,8 @@ class StreamReporter:
         self.tracker.log_dict({"code": code, "code_versions": code_versions(), **environment()}, "environment.json")
 
     def stage_done(self, res: StageResult, tasks: list[TaskMeta]) -> None:
-        report = dict(res.metrics)
+        report, per_layer = without_per_layer(res.metrics)
         curve = report.pop(CURVE, None)
-        ranks = report.get("ranks")
-        per_layer = ranks.get("per_layer") if isinstance(ranks, Mapping) else None
-        if per_layer is not None:  # hundreds of layers: a file, not hundreds of metric keys
-            report["ranks"] = {k: v for k, v in ranks.items() if k != "per_layer"}
         with self.tracker.task_run(res.task, tasks[res.task].name) as run:
             metrics = {res.stage: numeric_only(report) or {}}
             metrics[res.stage]["seconds"] = res.seconds
@@ -85,7 +81,7 @@ class StreamReporter:
             if curve:
                 run.log_series(f"{res.stage}.loss", curve["step"], curve["loss"])
             if per_layer is not None:
-                run.log_dict(per_layer, "ranks.json")
+                run.log_dict(per_layer, f"ranks/{res.stage}.json")
 
     def task_done(self, t: int, tasks: list[TaskMeta], results: dict[str, StageResult],
                   matrix: list[list[float]]) -> None:
@@ -120,6 +116,18 @@ class StreamReporter:
 
     def fail(self) -> None:
         self.tracker.finish("FAILED")
+
+
+def without_per_layer(report: Mapping[str, Any]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """A stage report without its ``per_layer`` rank table (top level or under ``ranks``), and the
+    table: hundreds of layers belong in a file, not in hundreds of metric keys."""
+    report = dict(report)
+    per_layer = report.pop("per_layer", None)
+    ranks = report.get("ranks")
+    if isinstance(ranks, Mapping) and "per_layer" in ranks:
+        per_layer = ranks["per_layer"]
+        report["ranks"] = {k: v for k, v in ranks.items() if k != "per_layer"}
+    return report, per_layer
 
 
 def rank_table(summary: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ def results(t):
     per_layer = {name: 2 + t for name in LAYERS}
     reports = {
         "probe": {"steps": 2, "loss": {"ce": 3.0}, "curve": {"step": [1, 2], "loss": [3.5, 3.0]}},
-        "allocate": {"rank_max": 2 + t},
+        "allocate": {"slot": t, "per_layer": per_layer, "rank_max": 2 + t},
         "train": {"steps": 6, "loss": {"ce": 1.0}, "curve": {"step": [2, 4, 6], "loss": [2.0, 1.5, 1.0 - t / 10]}},
         "aggregate": {"params_added": 100 * (t + 1), "ranks": {"per_layer": per_layer, "rank_max": 2 + t}},
         "evaluate": {"row": [80.0, 60.0][: t + 1]},
@@ -71,9 +71,10 @@ def test_per_layer_ranks_are_a_file_not_metric_keys(logged):
     run_id = logged["tasks"][1]
     keys = client.get_run(run_id).data.metrics
     assert not any("per_layer" in k or "layers." in k for k in keys)
-    assert keys["aggregate.ranks.rank_max"] == 3
-    ranks = json.loads(Path(client.download_artifacts(run_id, "ranks.json")).read_text())
-    assert ranks == {name: 3 for name in LAYERS}
+    assert keys["aggregate.ranks.rank_max"] == 3 and keys["allocate.rank_max"] == 3
+    for stage in ("allocate", "aggregate"):
+        ranks = json.loads(Path(client.download_artifacts(run_id, f"ranks/{stage}.json")).read_text())
+        assert ranks == {name: 3 for name in LAYERS}
     table = list(csv.reader(io.StringIO(Path(client.download_artifacts(logged["run_id"], "ranks.csv")).read_text())))
     assert table[0] == ["layer", "choice", "ocr"] and len(table) == 1 + len(LAYERS)
     assert table[1] == [LAYERS[0], "2", "3"]
