@@ -6,13 +6,18 @@ to the worker's redirected stdout as well), and the project's lines sit between 
 messages (placement-group monitors, raylet worker-count warnings, Ray Data and DeepSpeed notices).
 
 * :func:`ray_init_options` -- keyword arguments for ``ray.init``: Train's print redirection off in the
-  job's workers (an environment variable in the job's runtime env, merged with a submitted job's),
-  and the workers' Python loggers at WARNING (``ray.LoggingConfig``).
+  job's workers (an environment variable in the job's runtime env, merged with a submitted job's).
+  (``ray.LoggingConfig`` is not used: it replaces the driver's own root and ``ray`` handlers.)
 * :func:`route_ray_output` -- after ``ray.init``: of the lines Ray streams from workers to the
   driver, the project's (``[task 3/8 ocr] ...``, ``[base] ...``) and errors (a batch that contains a
   traceback or an error) go to the console; every line goes to ``<run output>/logs/ray.log`` when
   :func:`set_log_dir` named one (Ray keeps its own copy under ``/tmp/ray/session_latest/logs``).
-  The driver's own ``ray`` loggers write to the same file, and to the console only at ERROR.
+  Of the raylet's messages, warnings (e.g. how many worker processes it started) go to the file
+  only; everything else it reports (a worker killed, out of memory) stays on the console. The
+  driver's own ``ray`` loggers write to the same file, and to the console only at ERROR.
+
+Ray has no public hook on the lines it relays to the driver, so the filter wraps the relay
+functions of ``ray._private.worker`` (checked against Ray 2.60); if they move, output is Ray's.
 """
 from __future__ import annotations
 
@@ -24,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
-WORKER_LOG_LEVEL = "WARNING"
 LOG_NAME = "ray.log"
 # the prefixes the project's own lines start with
 PROJECT_LINE = re.compile(r"^\[(task \d+/\d+ |base\]|ray\]|data\]|stream\]|fault\]|bench\]|tune\]|compare\])")
@@ -49,14 +53,8 @@ def ray_init_options() -> dict[str, Any]:
     """Keyword arguments for ``ray.init`` (see the module docstring). Call it as the argument of
     ``ray.init``: it also sends the driver's ``ray`` loggers to the log file from here on, so
     what ``ray.init`` itself says lands there too."""
-    import ray
-
     _route_driver_loggers()
-    return {
-        "log_to_driver": True,
-        "logging_config": ray.LoggingConfig(log_level=WORKER_LOG_LEVEL),
-        "runtime_env": {"env_vars": {PRINT_PATCH_ENV: "0"}},
-    }
+    return {"log_to_driver": True, "runtime_env": {"env_vars": {PRINT_PATCH_ENV: "0"}}}
 
 
 def _write(lines: list[str]) -> None:
@@ -111,10 +109,24 @@ def _route_driver_loggers() -> None:
             logger.addHandler(to_file)
 
 
+def raylet_printer(ray_printer: Callable[..., None]) -> Callable[..., None]:
+    """The raylet's messages: warnings to the log file only, anything else as Ray prints it."""
+
+    def handle(data: dict, *args: Any, **kwargs: Any) -> None:
+        lines = list(data.get("lines") or [])
+        if data.get("pid") == "raylet" and lines and all(ln.lstrip().startswith("WARNING") for ln in lines):
+            _write([f"(raylet) {ln}" for ln in lines])
+            return
+        ray_printer(data, *args, **kwargs)
+
+    handle.filtered = True  # type: ignore[attr-defined]
+    return handle
+
+
 def route_ray_output() -> None:
-    """After ``ray.init``: filter the worker output Ray prints on this driver (idempotent; a no-op
-    when ``ray.init`` was told not to stream worker output)."""
-    from ray._private import worker as ray_worker  # Ray offers no public hook on the lines it streams
+    """After ``ray.init``: filter what Ray relays to this driver (idempotent; worker output is only
+    relayed when ``ray.init`` was asked to)."""
+    from ray._private import worker as ray_worker
 
     _route_driver_loggers()
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
@@ -124,3 +136,6 @@ def route_ray_output() -> None:
             (name, fn if name != RAY_HANDLER or getattr(fn, "filtered", False) else filtered_printer(fn))
             for name, fn in dispatcher.handlers
         ]
+    # the raylet's error channel calls this module-level function by name
+    if not getattr(ray_worker.print_to_stdstream, "filtered", False):
+        ray_worker.print_to_stdstream = raylet_printer(ray_worker.print_to_stdstream)

@@ -39,6 +39,16 @@ def test_a_batch_with_an_error_is_printed_as_ray_prints_it(log_dir, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_raylet_warnings_go_to_the_file_and_its_other_messages_to_the_console(log_dir):
+    printed_by_ray = []
+    handle = logs.raylet_printer(lambda data, **kw: printed_by_ray.append(data))
+    handle({"lines": ["WARNING: 12 PYTHON worker processes have been started"], "pid": "raylet"}, ignore_prefix=False)
+    killed = {"lines": ["A worker died or was killed while executing a task"], "pid": "raylet"}
+    handle(killed, ignore_prefix=False)
+    assert printed_by_ray == [killed]
+    assert "PYTHON worker processes" in (log_dir / "ray.log").read_text()
+
+
 def test_project_line_pattern():
     ours, error = logs.split_batch(["[task 12/12 ocr] evaluate: scores 1.0", "[ray] task 0: Train run",
                                     "[taskforce] not ours", "Loading weights: 100%"])
