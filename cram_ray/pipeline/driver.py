@@ -163,7 +163,7 @@ def run_stream(
                 ledger.invalidate(t, stage)
                 print(f"{prefix} {stage} ...", flush=True)
                 res = executor.run(ctx, t, stage)
-                print(f"{prefix} {stage} done in {duration(res.seconds)}", flush=True)
+                print(f"{prefix} {stage} done in {duration(res.seconds)}{stage_outcome(res, tasks)}", flush=True)
                 ran.append((t, stage))
                 if tracker is not None:
                     tracker.stage_done(res, tasks)
@@ -181,6 +181,15 @@ def run_stream(
     summary["resumed_stages_skipped"] = len(tasks) * len(STAGES) - len(ran)
     summary["stages_run"] = [f"task_{t}/{s}" for t, s in ran]
     return summary
+
+
+def stage_outcome(res: StageResult, tasks: list[TaskMeta]) -> str:
+    """What the end-of-stage line adds: the evaluation's scores per task so far."""
+    if res.stage != "evaluate":
+        return ""
+    routing = res.metrics.get("routing_accuracy")
+    return (": " + ", ".join(f"{tasks[i].name} {v:.1f}" for i, v in enumerate(res.metrics["row"]))
+            + (f" (routed right {routing:.1f}%)" if routing is not None else ""))
 
 
 def task_progress(t: int, tasks: list[TaskMeta], results: dict[tuple[int, str], StageResult]) -> dict[str, Any]:

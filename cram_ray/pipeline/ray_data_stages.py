@@ -33,7 +33,6 @@ from safetensors.torch import save as save_tensors
 from cram_ray.pipeline.context import StageContext, runtime, seed_everything
 from cram_ray.pipeline.ledger import StageResult
 from cram_ray.train.ingest import positions_of, records_of, shard_ids, shard_paths
-from cram_ray.train.progress import task_prefix
 
 GROUP_STRIDE = 1 << 32  # group key = split index * stride + batch index
 
@@ -219,6 +218,4 @@ def stage_evaluate_ray(ctx: StageContext, task: int, workdir: Path) -> StageResu
         report["confusion"] = confusion
         report["routing_accuracy"] = 100.0 * sum(confusion[i][i] for i in range(len(confusion))) / max(
             1, sum(map(sum, confusion)))
-    print(f"{task_prefix(task, len(ctx.tasks), ctx.tasks[task].name)} evaluate: scores "
-          + " ".join(f"{v:.1f}" for v in row), flush=True)
     return StageResult("evaluate", task, report, time.time() - t0, startup)

@@ -249,7 +249,6 @@ def stage_evaluate(ctx: StageContext, task: int, workdir: Path) -> StageResult:
         report["confusion"] = confusion
         report["routing_accuracy"] = 100.0 * sum(confusion[i][i] for i in range(len(confusion))) / max(
             1, sum(map(sum, confusion)))
-    task_log(ctx, task)(" evaluate: scores " + " ".join(f"{v:.1f}" for v in row))
     return StageResult("evaluate", task, report, time.time() - t0, startup)
 
 
