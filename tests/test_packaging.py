@@ -38,3 +38,28 @@ def test_extras_install_everything_for_development():
     assert "cram_ray[all]" in extras["dev"]
     assert set(extras) >= {"ray", "deepspeed", "tune", "builtin", "all", "dev"}
     assert "cram_ray[ray,deepspeed,tune,builtin]" in extras["all"]
+
+
+def test_a_missing_optional_dependency_names_its_extra(capsys):
+    import importlib.metadata as md
+
+    import pytest
+
+    from cram_ray.cli import EXTRA_OF_MODULE, fail_cleanly
+
+    extras = PROJECT["project"]["optional-dependencies"]
+    dists = md.packages_distributions()
+    for module, extra in EXTRA_OF_MODULE.items():
+        wanted = {d.lower().replace("_", "-") for d in dists[module]}
+        declared = {req.split("[")[0].split(">")[0].split(";")[0].strip().lower().replace("_", "-")
+                    for req in extras[extra]}
+        assert wanted & declared, (module, extra, wanted, declared)
+
+    @fail_cleanly
+    def needs(name):
+        raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+
+    assert needs("sklearn.datasets") == 2
+    assert "pip install 'cram_ray[builtin]'" in capsys.readouterr().err
+    with pytest.raises(ModuleNotFoundError):
+        needs("something_else")
