@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cram_ray.cli import add_config_flags, fail_cleanly, resolve_config  # noqa: E402
 from cram_ray.config import ConfigError, StreamConfig, config_hash  # noqa: E402

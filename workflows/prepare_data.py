@@ -13,7 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cram_ray.cli import fail_cleanly  # noqa: E402
 from cram_ray.data.manifest import SPLITS, load_benchmark  # noqa: E402

@@ -14,7 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cram_ray.cli import add_config_flags, fail_cleanly, resolve_config  # noqa: E402
 
