@@ -81,8 +81,14 @@ def dry_run(cfg: StreamConfig, *, runs: int = 1) -> int:
     return 0
 
 
+# the optional dependencies (pyproject.toml extras) by the module a missing one fails to import
+EXTRA_OF_MODULE = {"ray": "ray", "deepspeed": "deepspeed", "optuna": "tune", "sklearn": "builtin",
+                   "mlxtend": "builtin", "vega_datasets": "builtin"}
+
+
 def fail_cleanly(main: Callable[..., int]) -> Callable[..., int]:
-    """Bad input ends the program with one clear line on stderr and exit code 2."""
+    """Bad input, or a missing optional dependency, ends the program with one clear line on stderr
+    and exit code 2."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
@@ -93,6 +99,13 @@ def fail_cleanly(main: Callable[..., int]) -> Callable[..., int]:
             return 2
         except FileNotFoundError as err:
             print(f"error: {err.filename or err}: file not found", file=sys.stderr)
+            return 2
+        except ModuleNotFoundError as err:
+            extra = EXTRA_OF_MODULE.get((err.name or "").split(".")[0])
+            if extra is None:
+                raise
+            print(f"error: this needs {err.name}, which the core install leaves out: pip install 'cram_ray[{extra}]'",
+                  file=sys.stderr)
             return 2
 
     return wrapper

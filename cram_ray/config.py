@@ -48,7 +48,7 @@ def _divides(section: str, obj: Any, hidden: str, heads: str) -> None:
 
 @dataclass
 class BuiltinBenchmarkConfig:
-    """The built-in offline benchmark (DESIGN §5)."""
+    """The built-in offline benchmark (docs/DESIGN.md §5)."""
 
     tasks: list[str] = field(
         default_factory=lambda: [
@@ -145,7 +145,7 @@ class ModelConfig:
 
 @dataclass
 class CramConfig:
-    """CRAM hyperparameters (DESIGN §3). Defaults are scaled for the tiny model; see README."""
+    """CRAM hyperparameters (docs/DESIGN.md §3). Defaults are scaled for the tiny model; see README."""
 
     buf_rank: int = 16  # probe buffer rank (48 at 7B)
     rank_min: int = 2  # rank floor per layer (4 at 7B)

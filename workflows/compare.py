@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cram_ray.cli import add_config_flags, add_restart_flag, dry_run, fail_cleanly, resolve_config  # noqa: E402
 from cram_ray.config import ConfigError, StreamConfig, config_hash  # noqa: E402
@@ -172,7 +171,7 @@ def render_markdown(rows: list[dict[str, Any]], summaries: list[dict[str, Any]],
         f"transformers {pkgs.get('transformers', '?')}",
         f"- command: `{command}`", "",
         markdown_table(rows, ["method", "seeds", *COLUMNS]),
-        "Scores in percent (DESIGN §7): MFT = mean accuracy on each task right after learning it; MFN = mean "
+        "Scores in percent (docs/DESIGN.md §7): MFT = mean accuracy on each task right after learning it; MFN = mean "
         "final accuracy; MAA = mean accuracy along the stream; BWT = mean final minus just-learned accuracy "
         "(forgetting); routing acc. = share of test samples routed to their own task's expert (- = no "
         "routing decision); params added = parameters the deployed model gained over the stream; stage time "

@@ -17,7 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cram_ray.cli import fail_cleanly  # noqa: E402
 from cram_ray.data.identity import identify  # noqa: E402

@@ -18,7 +18,6 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cram_ray.cli import add_config_flags, dry_run, fail_cleanly, resolve_config  # noqa: E402
 

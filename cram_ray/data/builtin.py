@@ -1,4 +1,4 @@
-"""The built-in 8-task benchmark, drawn offline and deterministically from a seed (DESIGN §5).
+"""The built-in 8-task benchmark, drawn offline and deterministically from a seed (docs/DESIGN.md §5).
 
 :func:`generate_builtin` writes the benchmark in the same manifest + LLaVA-JSON + PNG layout a user
 benchmark has, so both are read by :func:`cram_ray.data.manifest.load_benchmark` alone. The tasks

@@ -1,6 +1,6 @@
 """Benchmark manifests: a YAML file naming the tasks of a stream, each with LLaVA-style JSON per split.
 
-Layout (the CoIN / UCIT / TriGap layout)::
+Layout (docs/DESIGN.md §5; the CoIN / UCIT / TriGap layout)::
 
     name: my-bench
     image_root: images/            # relative to the manifest (default: the manifest's folder)

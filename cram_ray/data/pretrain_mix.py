@@ -2,7 +2,7 @@
 
 A real MLLM has seen objects, colours, counts, digits, text and layouts before it is tuned on a
 stream; the tiny base must too, or its frozen vision tower cannot tell apart what the tasks ask
-about (DESIGN §6). So the mix covers each concept the built-in tasks use -- shapes, colours,
+about (docs/DESIGN.md §6). So the mix covers each concept the built-in tasks use -- shapes, colours,
 positions, counts, handwritten digits, letters and words, bar heights, presence -- in caption form
 ("a red triangle at the top left", "three blue dots", "the digit 7", "the word cat", "the tallest
 bar is green") and as short QA. It stays disjoint from the stream: its own instructions and answer

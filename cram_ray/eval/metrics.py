@@ -1,4 +1,4 @@
-"""Continual-learning metrics on the accuracy matrix, and routing accuracy (DESIGN §7).
+"""Continual-learning metrics on the accuracy matrix, and routing accuracy (docs/DESIGN.md §7).
 
 The accuracy matrix ``a[t][i]`` is the score on task ``i`` after training task ``t`` (``i <= t``);
 only the lower triangle (diagonal included) is read. It may be given as ragged lists (row ``t`` of
@@ -41,7 +41,7 @@ def summarize(matrix: Any) -> dict[str, float]:
     - MAA = mean_t mean_{i<=t} a[t][i]          (average accuracy along the stream)
     - BWT = mean_{i<T} (a[T][i] - a[i][i])      (forgetting; 0.0 for a single task)
 
-    BWT is DESIGN's 1/(T-1) sum_{i<T} with T counted 1-based (the number of tasks): an average over
+    BWT is docs/DESIGN.md's 1/(T-1) sum_{i<T} with T counted 1-based (the number of tasks): an average over
     the T tasks before the last one.
     """
     a = lower_triangle(matrix)

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# attention projections of Llama-style language models (the default targets, DESIGN §3)
+# attention projections of Llama-style language models (the default targets, docs/DESIGN.md §3)
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # feed-forward projections of Llama-style language models (optional targets)
 FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")

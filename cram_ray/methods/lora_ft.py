@@ -1,4 +1,4 @@
-"""LoRA-FT: one peft LoRA trained on every task in turn — the forgetting floor (DESIGN §4)."""
+"""LoRA-FT: one peft LoRA trained on every task in turn — the forgetting floor (docs/DESIGN.md §4)."""
 from __future__ import annotations
 
 import re

@@ -1,4 +1,4 @@
-"""O-LoRA: orthogonal subspaces, one LoRA per task, all of them summed (DESIGN §4; Wang et al. 2023).
+"""O-LoRA: orthogonal subspaces, one LoRA per task, all of them summed (docs/DESIGN.md §4; Wang et al. 2023).
 
 Task ``t`` opens a rank-``r`` slot; only it trains, every earlier slot is frozen and still part of
 the forward pass (weight 1 each, at training and at test time: there is no routing). The loss adds

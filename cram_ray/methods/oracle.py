@@ -1,4 +1,4 @@
-"""Oracle: one LoRA per task, chosen by the TRUE task id at training and test time (DESIGN §4).
+"""Oracle: one LoRA per task, chosen by the TRUE task id at training and test time (docs/DESIGN.md §4).
 
 The upper bound of every routed method: it forgets nothing (each task keeps its own frozen
 expert) and its routing is right by construction, so its routing accuracy is 100%.

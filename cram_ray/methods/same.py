@@ -1,5 +1,5 @@
 """SAME (seed system, ICML 2026): a routed expert per task on the FFN, with spectral-aware routing,
-curvature-aware expert updates and adaptive expert activation (DESIGN §4).
+curvature-aware expert updates and adaptive expert activation (docs/DESIGN.md §4).
 
 Adapter: on the gate/up/down projections of the language model's MLP, a :class:`SameLinear` wraps
 an :class:`~cram_ray.experts.adapter.ExpertLinear` (one rank-r slot per task) and owns a linear
@@ -116,7 +116,7 @@ def project_router_grad(G: torch.Tensor, V: torch.Tensor, factors: torch.Tensor)
 def curvature_transform(G: torch.Tensor, U: torch.Tensor, S: torch.Tensor, mu: float) -> torch.Tensor:
     """``G <- G U diag(1/(S+mu)) U^T + (1/mu) G (I - U U^T)`` for G (r, d) acting on the input dim.
 
-    Row by row this is DESIGN's ``g <- U diag(1/(S+mu)) U^T g + (1/mu)(I - U U^T) g``.
+    Row by row this is docs/DESIGN.md's ``g <- U diag(1/(S+mu)) U^T g + (1/mu)(I - U U^T) g``.
     """
     U = U.to(G.dtype)
     coef = G @ U  # (r, k)

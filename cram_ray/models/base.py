@@ -2,7 +2,7 @@
 
 The stream's experts learn task skills and answer formats on top of a frozen base, so the base must
 already see the visual concepts the tasks ask about (colours, shapes, counts, digits, words,
-positions; DESIGN §6). Every tiny base shares one packaged vocabulary (:func:`base_tokenizer`), so
+positions; docs/DESIGN.md §6). Every tiny base shares one packaged vocabulary (:func:`base_tokenizer`), so
 no benchmark decides a base. :func:`get_base_vlm` hashes everything that decides the weights
 (recipe version, architecture, base-training settings, text budget, vocabulary, the mix) into a key,
 then serves the base shipped under ``cram_ray/assets/bases/`` with that key (its SHA-256 checked),

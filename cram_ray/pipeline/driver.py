@@ -20,6 +20,7 @@ from cram_ray.eval.metrics import summarize
 from cram_ray.pipeline.context import StageContext, TaskMeta
 from cram_ray.pipeline.ledger import STAGES, Ledger, StageResult, Storage
 from cram_ray.pipeline.stages import STAGE_FUNCS
+from cram_ray.train.progress import duration, task_prefix
 
 DATA_STAGE = "data"
 
@@ -170,7 +171,7 @@ def run_stream(
     on_task: Optional[Callable[[int, dict[str, Any]], None]] = None,
     restart: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) the whole stream; returns the summary (DESIGN §8).
+    """Run (or resume) the whole stream; returns the summary (docs/DESIGN.md §8).
 
     ``on_task(t, progress)`` is called after task ``t``'s evaluation, also for tasks a resumed
     run verified rather than ran, with the running MFT/MFN/MAA/BWT, ``params_added_total`` so far,
@@ -185,16 +186,27 @@ def run_stream(
     redo = restart  # once one stage reruns, every later stage reruns too (their inputs changed)
     ran: list[tuple[int, str]] = []
     for t in range(len(tasks)):
+        prefix = task_prefix(t, len(tasks), tasks[t].name)
+        skipped = []
         for stage in STAGES:
             res = None if redo else ledger.verify(t, stage)
             if res is None:
+                if skipped:
+                    print(f"{prefix} {', '.join(skipped)}: done earlier, kept", flush=True)
+                    skipped = []
                 redo = True
                 ledger.invalidate(t, stage)
+                print(f"{prefix} {stage} ...", flush=True)
                 res = executor.run(ctx, t, stage)
+                print(f"{prefix} {stage} done in {duration(res.seconds)}{stage_outcome(res, tasks)}", flush=True)
                 ran.append((t, stage))
                 if tracker is not None:
                     tracker.stage_done(res, tasks)
+            else:
+                skipped.append(stage)
             results[(t, stage)] = res
+        if skipped:
+            print(f"{prefix} {', '.join(skipped)}: done earlier, kept", flush=True)
         if tracker is not None and redo:
             matrix = [results[(i, "evaluate")].metrics["row"] for i in range(t + 1)]
             tracker.task_done(t, tasks, {s: results[(t, s)] for s in STAGES}, matrix)
@@ -204,6 +216,15 @@ def run_stream(
     summary["resumed_stages_skipped"] = len(tasks) * len(STAGES) - len(ran)
     summary["stages_run"] = [f"task_{t}/{s}" for t, s in ran]
     return summary
+
+
+def stage_outcome(res: StageResult, tasks: list[TaskMeta]) -> str:
+    """What the end-of-stage line adds: the evaluation's scores per task so far."""
+    if res.stage != "evaluate":
+        return ""
+    routing = res.metrics.get("routing_accuracy")
+    return (": " + ", ".join(f"{tasks[i].name} {v:.1f}" for i, v in enumerate(res.metrics["row"]))
+            + (f" (routed right {routing:.1f}%)" if routing is not None else ""))
 
 
 def task_progress(t: int, tasks: list[TaskMeta], results: dict[tuple[int, str], StageResult]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ The environment the workers need (offline hubs, DeepSpeed's op cache) goes along
 
 Otherwise an embedded cluster is started on the loopback interface only, with over-subscribed
 logical CPUs: on a 2-core machine, two one-CPU Train workers would otherwise leave Ray Data no CPU
-to schedule its read/decode tasks on, and the run hangs (DESIGN §9). It lives and dies with the
+to schedule its read/decode tasks on, and the run hangs (docs/DESIGN.md §9). It lives and dies with the
 driver (Ray's reaper ends it when the driver process goes, even on SIGKILL).
 
 Ray >= 2.52 turns token authentication on for clusters started by ``ray.init`` and writes the
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from cram_ray.config import TrainConfig
+from cram_ray.pipeline.logs import ray_init_options, route_ray_output
 
 MIN_LOCAL_CPUS = 4
 LOOPBACK = "127.0.0.1"
@@ -135,17 +136,19 @@ def connect(train: TrainConfig, log: Callable[[str], None] = print) -> str:
     quiet_data()
     address = train.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        runtime_env = attach_runtime_env()
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        shipped = "the cram_ray package" if "py_modules" in runtime_env else "nothing (the job's working_dir has it)"
+        options = ray_init_options(attach_runtime_env())
+        ray.init(address=address, **options)
+        route_ray_output()
+        shipped = "the cram_ray package" if "py_modules" in options["runtime_env"] else "nothing (the job's working_dir has it)"
         log(f"[ray] joined the cluster at {address}; code shipped to workers: {shipped}")
         return "address"
     cpus = local_cpus(train)
     secure_token_file(log)
     with loopback_only():
         # address="local": a new cluster, never whatever /tmp/ray/ray_current_cluster names
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True,
-                 _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                 _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **ray_init_options())
+    route_ray_output()
     secure_token_file(log)
     log(f"[ray] started an embedded cluster on {LOOPBACK} with {cpus} logical CPUs on {os.cpu_count()} cores "
         "(pass --address or set RAY_ADDRESS to join a cluster)")

@@ -221,5 +221,4 @@ def stage_evaluate_ray(ctx: StageContext, task: int, workdir: Path) -> StageResu
         report["confusion"] = confusion
         report["routing_accuracy"] = 100.0 * sum(confusion[i][i] for i in range(len(confusion))) / max(
             1, sum(map(sum, confusion)))
-    print(f"[task {task} {ctx.tasks[task].name} / evaluate] scores " + " ".join(f"{v:.1f}" for v in row), flush=True)
     return StageResult("evaluate", task, report, time.time() - t0, startup)

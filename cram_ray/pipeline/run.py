@@ -10,6 +10,7 @@ from cram_ray.config import StreamConfig
 from cram_ray.pipeline.driver import LocalExecutor, default_run_id, format_matrix, run_stream
 from cram_ray.pipeline.ledger import Storage
 from cram_ray.pipeline.lock import RunLock
+from cram_ray.pipeline.logs import log_file, set_log_dir
 from cram_ray.pipeline.outputs import TrackingPlace, tracking_place
 
 
@@ -74,7 +75,6 @@ def run_and_report(cfg: StreamConfig, *, out: Union[str, Path], run_id: Optional
             summary = _run(cfg, store, files, Path(tmp), place, run_id, on_task, mlflow_tags, restart)
         finally:
             place.push(store)
-        print(format_matrix(summary), flush=True)
     return summary
 
 
@@ -83,6 +83,7 @@ def _run(cfg: StreamConfig, store: Storage, files: Path, scratch: Path, place: T
          mlflow_tags: Optional[dict[str, Any]], restart: bool) -> dict[str, Any]:
     from cram_ray.pipeline.track import StreamReporter
 
+    set_log_dir(files / "logs")  # uploaded with the other files when out is an object store
     executor = make_executor(cfg)
     reporter = StreamReporter(cfg, place, run_id, previous_mlflow_run(store, run_id))
     if mlflow_tags:
@@ -103,4 +104,24 @@ def _run(cfg: StreamConfig, store: Storage, files: Path, scratch: Path, place: T
     write_plots(summary, files)
     store.put_dir(files, "")
     reporter.finish(summary, files, Storage(cfg.storage), run_id, scratch)
+    print(format_matrix(summary) + "\n" + where_text(store, reporter.tracker.uri, reporter.run_id, files=files),
+          flush=True)
     return summary
+
+
+def where_text(out: Union[Storage, Path], tracking_uri: Optional[str], mlflow_run: Optional[str], *,
+               files: Optional[Path] = None) -> str:
+    """The closing lines: where the results are and how to open them. ``out`` is the run's output
+    (a local directory or a Storage on an object store); ``files`` the local copy of its files."""
+    store = out if isinstance(out, Storage) else Storage(str(out))
+    files = files or store.local_path("")
+    lines = [f"summary  {store.location('summary.json')}"]
+    lines += [f"plot     {store.location(name)}" for name in ("accuracy_matrix.png", "rank_map.png", "routing_confusion.png")
+              if files is not None and (files / name).exists()]
+    if tracking_uri:
+        lines += [f"MLflow   run {mlflow_run} in {tracking_uri}",
+                  f"         browse: mlflow ui --backend-store-uri {tracking_uri}"]
+    ray_log = log_file()
+    if ray_log is not None and ray_log.exists():
+        lines.append(f"Ray log  {ray_log if store.local else store.location('logs/' + ray_log.name)}")
+    return "\n".join(lines)

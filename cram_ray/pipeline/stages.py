@@ -1,4 +1,4 @@
-"""The five per-task stages of DESIGN §2 as plain functions of explicit inputs and outputs.
+"""The five per-task stages of docs/DESIGN.md §2 as plain functions of explicit inputs and outputs.
 
 ``stage(ctx, task, workdir) -> StageResult``: each reads the stream state the previous stage left
 on storage, does its work, and writes its outputs (the new state as safetensors + JSON, reports,
@@ -23,6 +23,7 @@ from cram_ray.pipeline.context import StageContext, Runtime, runtime, seed_every
 from cram_ray.pipeline.ledger import STAGES, StageResult
 from cram_ray.train.ingest import epoch_order
 from cram_ray.train.loop import cycle, fit_steps
+from cram_ray.train.progress import StepProgress, task_prefix
 
 STATE_TENSORS = "state.safetensors"
 STATE_META = "state.json"
@@ -87,9 +88,12 @@ def train_stream(ctx: StageContext, task: int, rt: Runtime, method: ContinualMet
     return cycle(epoch)
 
 
-def _log(ctx: StageContext, task: int, stage: str) -> Callable[[str], None]:
+def task_log(ctx: StageContext, task: int) -> Callable[[str], None]:
+    """Print one line under the task's ``[task t/T name]`` prefix."""
+    prefix = task_prefix(task, len(ctx.tasks), ctx.tasks[task].name)
+
     def log(msg: str) -> None:
-        print(f"[task {task} {ctx.tasks[task].name} / {stage}]{msg}", flush=True)
+        print(prefix + msg, flush=True)
     return log
 
 
@@ -101,10 +105,10 @@ Fit = Callable[..., dict[str, float]]
 
 
 def local_fit(ctx: StageContext, task: int, stage: str) -> Fit:
-    def fit(model, method, batches, steps, observe=None):
+    def fit(model, method, batches, steps, observe=None, reporter=None):
         return fit_steps(
             model, method, batches, steps, lr=ctx.cfg.train.lr, warmup_ratio=ctx.cfg.train.warmup_ratio,
-            weight_decay=ctx.cfg.train.weight_decay, observe=observe, log=_log(ctx, task, stage),
+            weight_decay=ctx.cfg.train.weight_decay, observe=observe, log=task_log(ctx, task), reporter=reporter,
             grad_accum=ctx.cfg.train.grad_accum,
         )
     return fit
@@ -118,7 +122,10 @@ def run_probe(ctx: StageContext, task: int, model, method: ContinualMethod, batc
     if steps:
         seed_everything(ctx.cfg.train.seed, task, "probe")
         method.begin_probe()
-        report["loss"] = fit(model, method, batches, steps, observe=lambda b: method.observe(b, "probe"))
+        reporter = StepProgress("probe", steps, log=task_log(ctx, task))
+        report["loss"] = fit(model, method, batches, steps, observe=lambda b: method.observe(b, "probe"),
+                             reporter=reporter)
+        report["curve"] = reporter.close()
     report.update(method.end_probe())
     return report
 
@@ -137,7 +144,9 @@ def run_train(ctx: StageContext, task: int, model, method: ContinualMethod, batc
     seed_everything(ctx.cfg.train.seed, task, "train")
     method.begin_train()
     steps = train_steps_for(ctx, method)
-    return {"steps": steps, "loss": fit(model, method, batches, steps)}
+    reporter = StepProgress("train", steps, log=task_log(ctx, task))
+    loss = fit(model, method, batches, steps, reporter=reporter)
+    return {"steps": steps, "loss": loss, "curve": reporter.close()}
 
 
 def stage_probe(ctx: StageContext, task: int, workdir: Path) -> StageResult:
@@ -241,7 +250,6 @@ def stage_evaluate(ctx: StageContext, task: int, workdir: Path) -> StageResult:
         report["confusion"] = confusion
         report["routing_accuracy"] = 100.0 * sum(confusion[i][i] for i in range(len(confusion))) / max(
             1, sum(map(sum, confusion)))
-    _log(ctx, task, "evaluate")(" scores " + " ".join(f"{v:.1f}" for v in row))
     return StageResult("evaluate", task, report, time.time() - t0, startup)
 
 

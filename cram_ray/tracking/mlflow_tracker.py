@@ -1,6 +1,6 @@
 """MLflow tracking of one stream: one run per stream, one nested child run per task, from the driver.
 
-Only the driver process logs (DESIGN §9, CONVENTIONS 5): workers write their outputs to storage and
+Only the driver process logs (docs/DESIGN.md §9): workers write their outputs to storage and
 the driver reports what the stage results say. Everything goes through an explicit
 ``mlflow.MlflowClient`` bound to this tracker's URI -- never the process-wide fluent API
 (``mlflow.start_run``), so nothing leaks between streams running in one process.
@@ -26,7 +26,7 @@ import numbers
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
 
 from cram_ray.config import TrackingConfig
 
@@ -143,6 +143,17 @@ class RunLogger:
         for i in range(0, len(items), 1000):
             self._client.log_batch(self.run_id, metrics=items[i:i + 1000], synchronous=True)
 
+    def log_series(self, key: str, steps: Sequence[int], values: Sequence[float]) -> None:
+        """One metric's history: ``values[i]`` at step ``steps[i]`` (a loss curve)."""
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        ts = _now_ms()
+        items = [Metric(_key(key), float(v), ts, int(s)) for s, v in zip(steps, values)]
+        for i in range(0, len(items), 1000):
+            self._client.log_batch(self.run_id, metrics=items[i:i + 1000], synchronous=True)
+
     def log_params(self, params: Mapping[str, Any]) -> dict[str, str]:
         """Log a (nested) param tree; returns the params whose logged value differs and was kept.
 
@@ -187,6 +198,12 @@ class RunLogger:
         if not self.active:
             return
         self._client.log_dict(self.run_id, dict(data), artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Write ``text`` as an artifact file (a CSV table, a YAML config)."""
+        if not self.active:
+            return
+        self._client.log_text(self.run_id, text, artifact_file)
 
 
 class StreamTracker:
@@ -334,6 +351,9 @@ class StreamTracker:
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         self._root.log_dict(data, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._root.log_text(text, artifact_file)
 
     # ---- nested task runs ------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from torch import nn
 from cram_ray.config import TrainConfig
 from cram_ray.methods.base import Batch, ContinualMethod
 from cram_ray.train.loop import accumulate, compute_loss, cosine_lambda, make_optimizer
+from cram_ray.train.progress import StepProgress
 from cram_ray.train.zero import deepspeed_config, optimizer_factory, schedule_factory, uses_deepspeed
 
 PARAMS_FILE = "trainable.safetensors"
@@ -310,6 +311,7 @@ def engine_fit(
     log_every: int = 50,
     resume: Optional[Path] = None,
     checkpoint: Optional[Callable[[Stepper, FitProgress], None]] = None,
+    reporter: Optional[StepProgress] = None,
 ) -> dict[str, float]:
     """``steps`` data-parallel optimizer steps; returns the mean loss terms (over steps and ranks).
 
@@ -320,6 +322,8 @@ def engine_fit(
             must then start at that step's batch (the caller skips what was consumed).
         checkpoint: ``(stepper, progress)`` after every step; the caller decides whether to save
             (every rank must make the same decision: saving is a collective).
+        reporter: reports rank 0's steps and keeps its loss curve (the caller closes it); without
+            one, rank 0 prints a line to ``log`` every ``log_every`` steps.
     """
     t0 = time.time()
     stepper = Stepper(model, method, steps, train, dtype=dtype)
@@ -334,6 +338,11 @@ def engine_fit(
             raise ValueError(f"{resume}: checkpoint of a {saved.steps}-step fit, this fit has {steps} steps")
         stepper.load(resume, saved)
         progress.step, progress.totals, progress.count = saved.step, dict(saved.totals), saved.count
+    own = reporter is None
+    if own:
+        reporter = StepProgress("step", steps, log=log, every_steps=log_every,
+                                every_seconds=StepProgress.EVERY_SECONDS if log_every else 0, bar=False)
+    reporter.begin(progress.step)
     model.train()
     for step in range(progress.step, steps):
         batch = next(batches)
@@ -345,12 +354,13 @@ def engine_fit(
             progress.totals[k] = progress.totals.get(k, 0.0) + v
         progress.count += 1
         progress.step = step + 1
-        if log_every and progress.step % log_every == 0 and stepper.rank == 0:
-            log(f"  step {progress.step}/{steps} " + " ".join(f"{k}={v:.4f}" for k, v in logs.items())
-                + f" lr={stepper.lr():.2e}")
+        if stepper.rank == 0:
+            reporter.update(progress.step, logs, extra=f" lr={stepper.lr():.2e}")
         if checkpoint is not None:
             checkpoint(stepper, progress)
     stepper.close()
+    if own:
+        reporter.close()
     if stepper.rank == 0 and progress.count:
         log(f"  {progress.count} steps in {time.time() - t_loop:.1f}s ({progress.count / max(1e-9, time.time() - t_loop):.2f} steps/s)")
     model.eval()

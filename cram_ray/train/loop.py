@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from cram_ray.methods.base import Batch, ContinualMethod
+from cram_ray.train.progress import StepProgress
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
@@ -101,14 +102,21 @@ def fit_steps(
     optimizer_state: Optional[dict[str, Any]] = None,
     on_step: Optional[Callable[[int, torch.optim.Optimizer], None]] = None,
     grad_accum: int = 1,
+    reporter: Optional[StepProgress] = None,
 ) -> dict[str, float]:
     """Run ``steps`` optimizer steps over ``method.trainable_parameters()``; returns mean losses.
 
     ``observe`` sees every batch (e.g. the probe's feature statistics). ``start_step`` and
     ``optimizer_state`` resume a run from a checkpoint; ``on_step(step, optimizer)`` is called after
     every step (checkpointing). ``grad_accum``: each batch runs as that many micro-batches whose
-    gradients add up before the step (activation memory of one micro-batch).
+    gradients add up before the step (activation memory of one micro-batch). ``reporter`` reports
+    the steps and keeps the loss curve (the caller closes it); without one, lines go to ``log``
+    every ``log_every`` steps.
     """
+    own = reporter is None
+    if own:
+        reporter = StepProgress("step", steps, log=log, every_steps=log_every,
+                                every_seconds=StepProgress.EVERY_SECONDS if log_every else 0, bar=False)
     params = method.trainable_parameters()
     optimizer = make_optimizer(params, lr, weight_decay)
     if optimizer_state is not None:
@@ -119,6 +127,7 @@ def fit_steps(
     model.train()
     totals: dict[str, float] = {}
     count = 0
+    reporter.begin(start_step)
     for step in range(start_step, steps):
         batch = next(batches)
         if observe is not None:
@@ -133,10 +142,11 @@ def fit_steps(
         for k, v in logs.items():
             totals[k] = totals.get(k, 0.0) + v
         count += 1
-        if log_every and (step + 1) % log_every == 0:
-            log(f"  step {step + 1}/{steps} " + " ".join(f"{k}={v:.4f}" for k, v in logs.items()))
+        reporter.update(step + 1, logs)
         if on_step is not None:
             on_step(step + 1, optimizer)
+    if own:
+        reporter.close()
     model.eval()
     return {k: v / max(1, count) for k, v in totals.items()}
 

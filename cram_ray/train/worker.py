@@ -13,7 +13,7 @@ Every rank runs :func:`train_loop_per_worker`. For each sub-stage of the run, in
    ``Ledger.commit``, then all ranks meet at a barrier before the next sub-stage restores it.
 
 Inside probe and train, every ``train.checkpoint_every`` steps all ranks save a checkpoint
-(DeepSpeed's save is a collective; CONVENTIONS #6) and report it with ``ray.train.report``. After
+(DeepSpeed's save is a collective, so no rank may skip it) and report it with ``ray.train.report``. After
 a worker failure, Ray Train restarts the group; the new attempt skips committed sub-stages and
 resumes the interrupted one from ``ray.train.get_checkpoint()`` when the checkpoint's sub-stage and
 inputs (the checksums of the state it started from) match.
@@ -40,6 +40,7 @@ from cram_ray.pipeline.context import StageContext, runtime
 from cram_ray.pipeline.ledger import StageResult
 from cram_ray.train.fit import FitProgress, Stepper, engine_fit
 from cram_ray.train.ingest import ShardStream, StreamPlan, collate_train, merge_collated
+from cram_ray.train.progress import task_prefix
 
 FUSED_STAGES = ("probe", "allocate", "train")
 FIT_PHASES = {"probe": 0, "train": 1}  # sub-stage -> phase index of the StreamPlan
@@ -296,7 +297,7 @@ def _resume_point(checkpoint: Any) -> Optional[dict[str, Any]]:
 def _logger(ctx: StageContext, task: int, rank: int) -> Callable[[str], None]:
     def log(msg: str) -> None:
         if rank == 0:
-            print(f"[task {task} {ctx.tasks[task].name} / fused]{msg}", flush=True)
+            print(f"{task_prefix(task, len(ctx.tasks), ctx.tasks[task].name)} Train run:{msg}", flush=True)
     return log
 
 
@@ -321,12 +322,12 @@ def _ray_fit(ctx: StageContext, task: int, stage: str, rank: int, fingerprint: O
                                  checkpoint_dir_name=f"{stage}-step{progress.step:06d}")
         _maybe_crash(fault, stage, progress.step, rank)
 
-    def fit(model, method: ContinualMethod, it, steps: int, observe=None) -> dict[str, float]:
+    def fit(model, method: ContinualMethod, it, steps: int, observe=None, reporter=None) -> dict[str, float]:
         if it is batches:
             batches.observer = observe
             observe = None
         return engine_fit(model, method, it, steps, ctx.cfg.train, dtype=ctx.cfg.model.dtype, observe=observe,
-                          log=log, resume=start_dir, checkpoint=checkpoint)
+                          log=log, resume=start_dir, checkpoint=checkpoint, reporter=reporter)
 
     return fit
 

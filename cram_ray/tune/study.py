@@ -281,7 +281,7 @@ class Study:
         if self.command:
             lines += ["", f"Command: `{self.command}`"]
         files[1].write_text("\n".join(lines) + "\n")
-        points = [{"params added": r["params_added_total"], self.cfg.tune.metric: r[OBJECTIVE], "label": r["trial"][-5:]}
+        points = [{"params added": r["params_added_total"], self.cfg.tune.metric: r[OBJECTIVE], "label": r["trial"]}
                   for r in rows if r["status"] == STATUS_COMPLETE and r.get(OBJECTIVE) is not None]
         if points and self.cfg.tune.mode == "max":
             files.append(pareto_plot(points, "params added", self.cfg.tune.metric, local / "pareto.png",

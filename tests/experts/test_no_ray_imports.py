@@ -1,4 +1,4 @@
-"""House rule (DESIGN §1): the pure-torch packages never import Ray."""
+"""House rule (docs/DESIGN.md §1): the pure-torch packages never import Ray."""
 import ast
 from pathlib import Path
 

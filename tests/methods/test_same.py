@@ -48,7 +48,7 @@ def test_curvature_scaling_equals_the_formula_on_a_known_covariance():
     Uk = Q[:, :4]
     M = Uk @ torch.diag(1.0 / (evals[:4] + mu)) @ Uk.T + (torch.eye(d, dtype=torch.float64) - Uk @ Uk.T) / mu
     torch.testing.assert_close(curvature_transform(G, U, S, mu), G @ M)
-    # row by row it is DESIGN's g <- U diag(1/(S+mu)) U^T g + (1/mu)(I - U U^T) g
+    # row by row it is docs/DESIGN.md's g <- U diag(1/(S+mu)) U^T g + (1/mu)(I - U U^T) g
     g = G[0]
     torch.testing.assert_close(curvature_transform(G, U, S, mu)[0], M @ g)
 

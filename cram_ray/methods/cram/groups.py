@@ -1,4 +1,4 @@
-"""Level-1 routing: semantic task groups from the instruction's text embedding (DESIGN §3).
+"""Level-1 routing: semantic task groups from the instruction's text embedding (docs/DESIGN.md §3).
 
 A sample's text query is ``q = LayerNorm(txt_feat)`` (no affine), where ``txt_feat`` is the frozen
 text encoder's mean token embedding of the instruction; a task's query is the mean of its

@@ -1,6 +1,6 @@
 """CRAM behind the ContinualMethod interface: groups, centroid routing, adaptive rank, L_dec.
 
-Per task (DESIGN §2, §3), and what this class does in each call:
+Per task (docs/DESIGN.md §2, §3), and what this class does in each call:
 
 * ``begin_task`` / ``begin_probe``: the probe buffer is re-initialised and is the only trainable
   part; every sample's routing mass is on it.
@@ -49,7 +49,7 @@ from cram_ray.methods.cram.rank import allocate as allocate_rank
 from cram_ray.methods.cram.rank import history_basis
 from cram_ray.methods.cram.router import CentroidRouter, FeatureMoments
 
-EXPERT_SCALE = 2.0  # alpha = 2r for every expert slot (DESIGN §3)
+EXPERT_SCALE = 2.0  # alpha = 2r for every expert slot (docs/DESIGN.md §3)
 BUFFER_SCALE = 2.0  # alpha = 2r for the probe buffer
 STATE_VERSION = 1
 

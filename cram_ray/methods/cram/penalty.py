@@ -1,4 +1,4 @@
-"""The decoupling (orthogonality) penalty L_dec of CRAM (DESIGN §3).
+"""The decoupling (orthogonality) penalty L_dec of CRAM (docs/DESIGN.md §3).
 
 Per adapted layer ``l``, with ``h_l`` (B, d_in) the layer's mean input over a sample's image-token
 positions, the new expert's output on it is ``z_l = scale * B_new A_new h_l`` (B, d_out). With

@@ -1,4 +1,4 @@
-"""Level-2 routing: centroid-guided softmax over a group's experts from image features (DESIGN §3).
+"""Level-2 routing: centroid-guided softmax over a group's experts from image features (docs/DESIGN.md §3).
 
 Each expert slot ``s`` has a centroid ``c_s``: the running mean of the frozen image features of its
 task's training data (or, when trained, the learned row). A sample's weights over the candidate
