@@ -16,14 +16,15 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 
-import torch  # noqa: E402
+import torch
 
-from cram_ray.cli import fail_cleanly  # noqa: E402
-from cram_ray.methods.cram.rank import allocate  # noqa: E402
+from cram_ray.cli import fail_cleanly
+from cram_ray.methods.cram.rank import allocate
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 

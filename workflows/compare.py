@@ -25,13 +25,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 
-from cram_ray.cli import add_config_flags, add_restart_flag, dry_run, fail_cleanly, resolve_config  # noqa: E402
-from cram_ray.config import ConfigError, StreamConfig, config_hash  # noqa: E402
-from cram_ray.pipeline.ledger import Storage, normalize_location  # noqa: E402
-from cram_ray.pipeline.outputs import tracking_place  # noqa: E402
+from cram_ray.cli import add_config_flags, add_restart_flag, dry_run, fail_cleanly, resolve_config
+from cram_ray.config import ConfigError, StreamConfig, config_hash
+from cram_ray.pipeline.ledger import Storage, normalize_location
+from cram_ray.pipeline.outputs import tracking_place
 
 DEFAULT_METHODS = "cram,same,olora,moelora,hide,lora_ft,oracle"
 STAGES = ("probe", "allocate", "train", "aggregate", "evaluate")

@@ -18,9 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cram_ray.cli import fail_cleanly, resolve_config  # noqa: E402
+from cram_ray.cli import fail_cleanly, resolve_config
 
 PRESET = Path(__file__).resolve().parent / "configs" / "llava-1.5-7b-coin.yaml"
 CHECK = [  # the 7B preset, cut to one GPU, two language layers and two short built-in tasks
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[gpu_check] {steps} steps in {fit_seconds:.1f}s of probe + train stages (worker start included): "
           f"{report['steps_per_second']} steps/s, {report['tokens_per_second']} tokens/s "
           f"({cfg.train.batch_size} x {est.seq} tokens per step)")
-    print(f"[gpu_check] peak GPU memory: measured "
+    print("[gpu_check] peak GPU memory: measured "
           + (f"{report['measured_peak_gib']} GiB" if memory.enabled else "n/a (no GPU)")
           + f", estimated {report['estimated_peak_gib']} GiB (cram_ray/plan.py)")
     print("[gpu_check] " + json.dumps(report))

@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 
-from cram_ray.cli import fail_cleanly  # noqa: E402
-from cram_ray.data.identity import identify  # noqa: E402
-from cram_ray.data.manifest import load_benchmark  # noqa: E402
-from cram_ray.data.prepare import ROWS_PER_SHARD, prepare  # noqa: E402
-from cram_ray.pipeline.ledger import Storage  # noqa: E402
+from cram_ray.cli import fail_cleanly
+from cram_ray.data.identity import identify
+from cram_ray.data.manifest import load_benchmark
+from cram_ray.data.prepare import ROWS_PER_SHARD, prepare
+from cram_ray.pipeline.ledger import Storage
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
-from cram_ray.cli import add_config_flags, add_restart_flag, dry_run, fail_cleanly, resolve_config  # noqa: E402
+from cram_ray.cli import add_config_flags, add_restart_flag, dry_run, fail_cleanly, resolve_config
 
 
 def build_parser() -> argparse.ArgumentParser:

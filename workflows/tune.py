@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 
-from cram_ray.cli import add_config_flags, dry_run, fail_cleanly, resolve_config  # noqa: E402
+from cram_ray.cli import add_config_flags, dry_run, fail_cleanly, resolve_config
 
 
 def build_parser() -> argparse.ArgumentParser:

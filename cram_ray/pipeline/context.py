@@ -22,7 +22,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from cram_ray.config import StreamConfig, TrainConfig, config_hash, from_dict
+from cram_ray.config import StreamConfig, TrainConfig, from_dict
 from cram_ray.data.records import Record, TaskInfo
 from cram_ray.pipeline.ledger import Ledger, Storage
 
