@@ -195,7 +195,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     seed: int = 0
     executor: Literal["local", "ray"] = "local"  # local = one process; ray = stages as Ray tasks / Train runs
-    num_workers: int = 1  # Ray Train workers
+    num_workers: Union[int, list[int]] = 1  # Ray Train workers; [min, max] = elastic (resumes at any size in range)
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0-3); -1 = plain torch DDP without DeepSpeed
@@ -209,6 +209,23 @@ class TrainConfig:
             raise ConfigError(f"train.zero_stage: expected -1 or 0-3, got {self.zero_stage}")
         if self.steps_per_task < 1 or self.batch_size < 1:
             raise ConfigError("train.steps_per_task / batch_size: expected >= 1")
+        span = [self.num_workers] if isinstance(self.num_workers, int) else self.num_workers
+        if len(span) not in (1, 2) or not 1 <= span[0] <= span[-1]:
+            raise ConfigError(f"train.num_workers: expected an integer >= 1 or [min, max] with 1 <= min <= max, "
+                              f"got {self.num_workers}")
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[-1]
+
+    @property
+    def workers(self) -> Union[int, tuple[int, int]]:
+        """A fixed count, or ``(min, max)``: Ray's form of an elastic size (Train, actor pools)."""
+        return self.max_workers if self.min_workers == self.max_workers else (self.min_workers, self.max_workers)
 
 
 @dataclass

@@ -77,13 +77,13 @@ def group_partitions(ctx: StageContext, splits: list[tuple[int, str]]) -> int:
     bs = ctx.cfg.train.eval_batch_size
     meta = {"train": lambda t: ctx.tasks[t].n_train, "test": lambda t: ctx.tasks[t].n_test}
     batches = sum(-(-meta[split](task) // bs) for task, split in splits)
-    return max(1, min(batches, 4 * max(1, ctx.cfg.train.num_workers)))
+    return max(1, min(batches, 4 * ctx.cfg.train.max_workers))
 
 
 def _pool(ctx: StageContext, gpu: bool = False) -> dict[str, Any]:
     """One actor per Train worker's worth of resources (a GPU each for generation on GPU clusters)."""
     train = ctx.cfg.train
-    pool: dict[str, Any] = {"concurrency": max(1, train.num_workers), "num_cpus": train.cpus_per_worker}
+    pool: dict[str, Any] = {"concurrency": train.workers, "num_cpus": train.cpus_per_worker}
     if gpu and train.use_gpu:
         pool["num_gpus"] = 1
     return pool

@@ -7,9 +7,10 @@ cut into full batches of ``min(batch_size, n)``; the probe and the train stage e
 place it takes in the stream (``seq``), the rows are sorted by ``seq`` (a Ray Data sort: a seeded
 global shuffle that happens to equal the local one), decoded and tokenised in ``map_batches``,
 and each data-parallel rank receives, via :class:`RankSplit`, the rows of its share of every
-global batch (``dp_rank``). One worker therefore trains on exactly the local batches; W workers
-each take ``batch_size / W`` consecutive samples of every local batch. The driver never reads the
-data: only each shard's ``id`` column is read, where the plan is built (``id -> position``).
+global batch (its ``slot`` range). One worker therefore trains on exactly the local batches; W workers
+each take ``batch_size / W`` consecutive samples of every local batch. The rows do not depend on W:
+an elastic run that restarts with fewer workers splits the same batches differently. The driver
+never reads the data: only each shard's ``id`` column is read, where the plan is built.
 
 Padding happens per micro-batch in the worker (:func:`collate_train`), exactly as
 ``VLMProcessor.train_batch`` pads a batch (tests/train/test_ingest.py checks equality).
@@ -30,7 +31,7 @@ from cram_ray.data.records import DataError, Record
 from cram_ray.pipeline.ledger import Storage
 
 SHARD_GLOB = "part-*.parquet"
-PLAN_COLUMNS = ("seq", "phase", "step", "dp_rank", "shared")
+PLAN_COLUMNS = ("seq", "phase", "step", "slot", "shared")
 
 
 # -- where the rows are ------------------------------------------------------------------------
@@ -92,7 +93,7 @@ class StreamPlan:
 
     n: int  # records in the split
     batch_size: int  # global batch (train.batch_size capped at n, as train_stream does)
-    world_size: int
+    world_size: int  # the most workers the run may have (train.max_workers)
     seed: int
     task: int
     phases: list[Phase] = field(default_factory=list)
@@ -111,9 +112,12 @@ class StreamPlan:
             raise DataError(f"task {task}: the training split is empty")
         return cls(n, min(batch_size, n), world_size, seed, task, list(phases))
 
-    @property
-    def micro(self) -> int:
-        return self.batch_size // self.world_size
+    def micro(self, world_size: int) -> int:
+        """Samples per rank per step on ``world_size`` workers."""
+        if self.batch_size % world_size:
+            raise DataError(f"task {self.task}: a batch of {self.batch_size} samples does not split over "
+                            f"{world_size} workers")
+        return self.batch_size // world_size
 
     @property
     def per_epoch(self) -> int:
@@ -148,14 +152,14 @@ class StreamPlan:
         return np.concatenate(pos_parts), np.concatenate(seq_parts)
 
     def columns_for(self, seq: np.ndarray) -> dict[str, np.ndarray]:
-        """The plan columns of samples ``seq``: phase index, step within the phase, data-parallel rank."""
+        """The plan columns of samples ``seq``: phase index, step within the phase, place in the step's batch."""
         bounds = np.cumsum([self.rows_of(k) for k in range(len(self.phases))])
         phase = np.searchsorted(bounds, seq, side="right")
         within = seq - np.concatenate([[0], bounds])[phase]
         shared = np.array([p.shared for p in self.phases] + [False], dtype=np.int64)
         return {
             "seq": seq, "phase": phase.astype(np.int64), "step": within // self.batch_size,
-            "dp_rank": (within % self.batch_size) // self.micro, "shared": shared[phase],
+            "slot": within % self.batch_size, "shared": shared[phase],
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -193,11 +197,13 @@ def _plan_index(plan_key: str) -> tuple[np.ndarray, np.ndarray]:
     return pos[order], seq[order]
 
 
-def select_rank(table: pa.Table, rank: int) -> pa.Table:
-    """Ray Data filter: the rows of one data-parallel rank (its share, plus every shared row)."""
+def select_rank(table: pa.Table, rank: int, micro: int) -> pa.Table:
+    """Ray Data filter: the rows of one data-parallel rank (its ``micro`` slots, plus every shared row)."""
     import pyarrow.compute as pc
 
-    return table.filter(pc.or_(pc.equal(table.column("dp_rank"), rank), pc.equal(table.column("shared"), 1)))
+    slot = table.column("slot")
+    mine = pc.and_(pc.greater_equal(slot, rank * micro), pc.less(slot, (rank + 1) * micro))
+    return table.filter(pc.or_(mine, pc.equal(table.column("shared"), 1)))
 
 
 # -- decode + tokenise (map_batches) and padding (worker) ---------------------------------------

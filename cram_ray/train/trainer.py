@@ -1,10 +1,11 @@
 """The TorchTrainer of a task's fused probe -> allocate -> train run, and its Ray Data input.
 
-:func:`make_trainer` wires the pieces: ``ScalingConfig`` from ``train.num_workers`` /
-``cpus_per_worker`` / ``use_gpu``; ``RunConfig`` under ``<storage>/<run_id>/train_runs`` with the
-name ``task_<t>`` (stable, so a rerun of the driver continues the same Train run and its
-checkpoints); ``FailureConfig(max_failures=train.max_failures)``; and ``datasets={"train": ...}``:
-the task's training shards read with ``ray.data.read_parquet``, expanded into the in-process batch
+:func:`make_trainer` wires the pieces: ``ScalingConfig`` from ``train.num_workers`` / ``cpus_per_worker``
+/ ``use_gpu`` (``[min, max]`` workers is Train v2's elastic group: it starts with as many workers as
+fit and, after a worker or node loss, restarts with those that still fit, never fewer than min);
+``RunConfig`` under ``<storage>/<run_id>/train_runs`` with the name ``task_<t>`` (stable, so a
+rerun of the driver continues the same Train run and its checkpoints);
+``FailureConfig(max_failures=train.max_failures)``; and ``datasets={"train": ...}``: the task's training shards read with ``ray.data.read_parquet``, expanded into the in-process batch
 order and sorted (cram_ray/train/ingest.py). :class:`RankSplit` hands each worker its rows and
 appends the decode + tokenise ``map_batches``, so each rank only decodes what it trains on.
 """
@@ -47,22 +48,26 @@ def runs_root(ctx: StageContext) -> str:
 
 
 class RankSplit(DataConfig):
-    """Each worker gets the rows planned for its rank (``dp_rank``), decoded and tokenised.
+    """Each worker gets the rows of its slots of every batch, decoded and tokenised.
 
     Ray's default split (``streaming_split``) hands blocks to whichever worker asks first; here
     the assignment is part of the data, so a run (and its restart) trains on the same batches.
+    ``configure`` runs for every worker group, with its size: an elastic restart on fewer workers
+    re-splits the same batches.
     """
 
-    def __init__(self, source: str, task: int) -> None:
+    def __init__(self, source: str, task: int, plan: StreamPlan) -> None:
         super().__init__(datasets_to_split=[])
         self.source = source
         self.task = task
+        self.plan = plan
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         out = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             for rank in range(world_size):
-                mine = ds.map_batches(select_rank, fn_kwargs={"rank": rank}, batch_format="pyarrow") \
+                mine = ds.map_batches(select_rank, fn_kwargs={"rank": rank, "micro": self.plan.micro(world_size)},
+                                      batch_format="pyarrow") \
                     if world_size > 1 else ds
                 mine = mine.map_batches(encode_rows, fn_kwargs={"source": self.source, "task": self.task},
                                         batch_format="numpy", batch_size=64)
@@ -79,8 +84,9 @@ def plan_for(ctx: StageContext, task: int, stages: list[str], n: int) -> StreamP
     train = ctx.cfg.train
     method = make_method(ctx.cfg)  # only asks how many steps the probe takes: no model is built
     probe = method.probe_steps(train.steps_per_task)
-    workers = train.num_workers
-    micro_batch_size(train, workers)  # a clear error when the batch does not split
+    workers = train.max_workers
+    for size in range(train.min_workers, workers + 1):  # an elastic run may restart at any size in range
+        micro_batch_size(train, size)  # a clear error when the batch does not split
     phases = [
         Phase("probe", probe if "probe" in stages else 0, "probe", shared=workers > 1),
         Phase("train", train.steps_per_task - probe if "train" in stages else 0, "train"),
@@ -126,7 +132,7 @@ def make_trainer(ctx: StageContext, task: int, stages: list[str], source: str) -
         train_loop_per_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker}),
         run_config=RunConfig(
             name=run_name(task),
@@ -135,7 +141,7 @@ def make_trainer(ctx: StageContext, task: int, stages: list[str], source: str) -
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": ds},
-        dataset_config=RankSplit(source, task),
+        dataset_config=RankSplit(source, task, plan),
     )
     return trainer, plan
 

@@ -203,11 +203,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     plan = StreamPlan.from_json(config["plan"])
     train_ctx = ray.train.get_context()
     rank, world_size = train_ctx.get_world_rank(), train_ctx.get_world_size()
-    if world_size != plan.world_size:
-        raise RuntimeError(f"the data was planned for {plan.world_size} workers, the run has {world_size}")
+    if world_size > plan.world_size:
+        raise RuntimeError(f"the data was planned for at most {plan.world_size} workers, the run has {world_size}")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     shard = ray.train.get_dataset_shard("train")
-    stream = RowStream(shard.iter_batches(batch_size=plan.micro, batch_format="numpy", prefetch_batches=2))
+    stream = RowStream(shard.iter_batches(batch_size=plan.micro(world_size), batch_format="numpy", prefetch_batches=2))
     rt = runtime(ctx)
     processor = rt.vlm.processor
     pixel_dtype = next(rt.vlm.model.parameters()).dtype
