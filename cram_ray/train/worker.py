@@ -13,10 +13,12 @@ Every rank runs :func:`train_loop_per_worker`. For each sub-stage of the run, in
    ``Ledger.commit``, then all ranks meet at a barrier before the next sub-stage restores it.
 
 Inside probe and train, every ``train.checkpoint_every`` steps all ranks save a checkpoint
-(DeepSpeed's save is a collective; CONVENTIONS #6) and report it with ``ray.train.report``. After
-a worker failure, Ray Train restarts the group; the new attempt skips committed sub-stages and
-resumes the interrupted one from ``ray.train.get_checkpoint()`` when the checkpoint's sub-stage and
-inputs (the checksums of the state it started from) match.
+(gathering ZeRO's partitioned optimizer state is a collective) and report it with
+``ray.train.report``. After a worker failure, Ray Train restarts the group (an elastic group with
+the workers that still fit); the new attempt skips committed sub-stages and resumes the interrupted
+one from ``ray.train.get_checkpoint()`` when the checkpoint's sub-stage and inputs (the checksums
+of the state it started from) match, at any world size: the checkpoint holds whole tensors, and
+every rank's rows of a step are its slots of the same global batch.
 """
 from __future__ import annotations
 
@@ -301,7 +303,7 @@ def _ray_fit(ctx: StageContext, task: int, stage: str, rank: int, fingerprint: O
     def checkpoint(stepper: Stepper, progress: FitProgress) -> None:
         if progress.step % every == 0 and progress.step < progress.steps:
             with tempfile.TemporaryDirectory(prefix="cram-ckpt-") as tmp:
-                stepper.save(Path(tmp), progress)  # every rank: DeepSpeed's save is a collective
+                stepper.save(Path(tmp), progress)  # every rank: gathering ZeRO's state is a collective
                 if rank == 0:
                     meta = {"task": task, "stage": stage, "step": progress.step, "inputs": fingerprint}
                     (Path(tmp) / CKPT_META).write_text(json.dumps(meta))
