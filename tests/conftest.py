@@ -16,3 +16,6 @@ torch.set_num_threads(2)
 def cache_dir(tmp_path_factory):
     """One cache (generated benchmark, base model) shared by every test of the session."""
     return str(tmp_path_factory.mktemp("cram_cache"))
+
+
+from s3_server import s3_bucket, s3_server  # noqa: E402,F401  (a moto S3 server for any test that asks)
