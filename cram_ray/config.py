@@ -286,7 +286,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     seed: int = 0
     executor: Literal["local", "ray"] = "local"  # local = one process; ray = stages as Ray tasks / Train runs
-    num_workers: int = 1  # Ray Train workers
+    num_workers: Union[int, list[int]] = 1  # Ray Train workers; [min, max] = elastic (resumes at any size in range)
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     gpu: Union[float, str, None] = None  # the GPU the plan sizes for: a name (a100-80gb, h100-80gb, a10g-24gb, l4-24gb, ...) or its GiB; null = none
@@ -304,26 +304,44 @@ class TrainConfig:
         if self.zero_stage not in (-1, 0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage: expected -1 or 0-3, got {self.zero_stage}")
         _at_least("train", self, 1, "steps_per_task", "batch_size", "grad_accum", "eval_batch_size",
-                  "num_workers", "checkpoint_every", "shuffle_buffer")
+                  "checkpoint_every", "shuffle_buffer")
         _at_least("train", self, 0, "cpus_per_worker", "stage_retries", "weight_decay")
         _at_least("train", self, -1, "max_failures")
         _positive_rate("train", self, "lr")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ConfigError(f"train.warmup_ratio: expected in [0, 1], got {self.warmup_ratio}")
-        split = self.num_workers * self.grad_accum
-        if self.batch_size % split:
-            raise ConfigError(
-                f"train.batch_size: expected a multiple of train.num_workers x train.grad_accum = "
-                f"{self.num_workers} x {self.grad_accum} = {split} (each worker takes equal micro-batches), "
-                f"got {self.batch_size}"
-            )
+        span = [self.num_workers] if isinstance(self.num_workers, int) else list(self.num_workers)
+        if len(span) not in (1, 2) or not all(isinstance(w, int) for w in span) or not 1 <= span[0] <= span[-1]:
+            raise ConfigError(f"train.num_workers: expected an integer >= 1 or [min, max] with 1 <= min <= max, "
+                              f"got {self.num_workers}")
+        for workers in range(span[0], span[-1] + 1):  # an elastic run may restart at any size in range
+            split = workers * self.grad_accum
+            if self.batch_size % split:
+                raise ConfigError(
+                    f"train.batch_size: expected a multiple of train.num_workers x train.grad_accum = "
+                    f"{workers} x {self.grad_accum} = {split} (each worker takes equal micro-batches), "
+                    f"got {self.batch_size}"
+                )
         if isinstance(self.gpu, float) and not (math.isfinite(self.gpu) and self.gpu > 0):
             raise ConfigError(f"train.gpu: expected a GPU name or its memory in GB > 0, got {self.gpu}")
 
     @property
     def micro_batch(self) -> int:
-        """Samples one worker forwards at once."""
-        return self.batch_size // (self.num_workers * self.grad_accum)
+        """Samples one worker forwards at once (at the most workers the run may have)."""
+        return self.batch_size // (self.max_workers * self.grad_accum)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[-1]
+
+    @property
+    def workers(self) -> Union[int, tuple[int, int]]:
+        """A fixed count, or ``(min, max)``: Ray's form of an elastic size (Train, actor pools)."""
+        return self.max_workers if self.min_workers == self.max_workers else (self.min_workers, self.max_workers)
 
 
 @dataclass

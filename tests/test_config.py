@@ -63,3 +63,16 @@ def test_bad_yaml_file(tmp_path):
 def test_cross_field_check_on_image_size():
     with pytest.raises(ConfigError, match="model.image_size"):
         load_config(None, ["model.image_size=32"])
+
+
+@pytest.mark.parametrize("value, expected", [("2", 2), ("[1, 2]", (1, 2)), ("[3, 3]", 3)])
+def test_num_workers_is_a_count_or_an_elastic_range(value, expected):
+    train = load_config(None, [f"train.num_workers={value}"]).train
+    assert train.workers == expected
+    assert (train.min_workers, train.max_workers) == (expected if isinstance(expected, tuple) else (expected, expected))
+
+
+@pytest.mark.parametrize("value", ["0", "[2, 1]", "[0, 2]", "[1, 2, 3]", "[]"])
+def test_bad_num_workers_names_the_key(value):
+    with pytest.raises(ConfigError, match="train.num_workers"):
+        load_config(None, [f"train.num_workers={value}"])

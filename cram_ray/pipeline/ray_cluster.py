@@ -44,7 +44,7 @@ SHIP_EXCLUDES = ["__pycache__", "*.pyc"]
 def local_cpus(train: TrainConfig) -> int:
     """Logical CPUs of an embedded cluster: room for the Train workers plus Ray Data and stage tasks."""
     cores = os.cpu_count() or 1
-    workers = train.num_workers * train.cpus_per_worker
+    workers = train.max_workers * train.cpus_per_worker
     return int(max(MIN_LOCAL_CPUS, 2 * cores, workers + 2))
 
 

@@ -64,7 +64,7 @@ def _pool(ctx: StageContext, gpu: bool = False) -> dict[str, Any]:
     import ray.data
 
     train = ctx.cfg.train
-    pool: dict[str, Any] = {"compute": ray.data.ActorPoolStrategy(size=max(1, train.num_workers)),
+    pool: dict[str, Any] = {"compute": ray.data.ActorPoolStrategy(min_size=train.min_workers, max_size=train.max_workers),
                             "num_cpus": train.cpus_per_worker}
     if gpu and train.use_gpu:
         pool["num_gpus"] = 1
@@ -108,7 +108,7 @@ class PartialStatistics:
 def aggregate_call_rows(ctx: StageContext, task: int) -> int:
     """Rows per actor call: whole feature batches, a few calls per actor."""
     bs = ctx.cfg.train.eval_batch_size
-    calls = AGGREGATE_CALLS_PER_ACTOR * max(1, ctx.cfg.train.num_workers)
+    calls = AGGREGATE_CALLS_PER_ACTOR * ctx.cfg.train.max_workers
     batches = -(-ctx.tasks[task].n_train // bs)
     return bs * max(1, -(-batches // calls))
 

@@ -12,10 +12,12 @@ partitioned buffers after backward: for methods that override the hook, the full
 trainable parameter is assembled into ``p.grad`` (a collective, on every rank), the hook edits it,
 and the result is written back. Methods that don't override it pay nothing.
 
-Checkpoints (:class:`FitCheckpoint`) are directories: the trainable parameters as safetensors and
-the progress as JSON (ours), plus the optimizer state: DeepSpeed's own checkpoint (Adam moments,
-fp32 master partitions, LR scheduler; DeepSpeed's torch-serialised files, one per rank) on the
-DeepSpeed path, or AdamW's state as safetensors + JSON on the plain path. No Ray import here.
+Checkpoints (:meth:`Stepper.save`) are directories of safetensors + JSON only: the trainable
+parameters, every parameter's AdamW moments (and DeepSpeed's fp32 master copy) gathered whole and
+keyed by parameter name, and the progress (step, summed logs). They do not depend on the world size
+or ZeRO stage: :meth:`Stepper.load` re-partitions them into whatever engine the restarted worker
+group built (DeepSpeed's ``safe_set_full_*`` API), so an elastic restart on fewer workers resumes
+with the same optimizer state, and nothing is ever unpickled. No Ray import here.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -42,10 +45,10 @@ from cram_ray.train.zero import deepspeed_config, optimizer_factory, schedule_fa
 
 PARAMS_FILE = "trainable.safetensors"
 PROGRESS_FILE = "progress.json"
-OPTIM_TENSORS = "optimizer.safetensors"
-OPTIM_META = "optimizer.json"
-DS_DIR = "deepspeed"
-DS_TAG = "fit"
+OPTIM_TENSORS = "optimizer.safetensors"  # "<param name>::<exp_avg | exp_avg_sq | master>"
+MOMENTS = ("exp_avg", "exp_avg_sq")  # the per-parameter state of torch AdamW (loop.make_optimizer)
+MASTER = "master"  # DeepSpeed's fp32 copy of a parameter, which its optimizer step writes back
+SEP = "::"
 
 
 def default_extensions_dir() -> str:
@@ -226,65 +229,97 @@ class Stepper:
         return float(sched.get_last_lr()[0])
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _partitioner(self) -> Any:
+        """DeepSpeed's optimizer wrapper that owns fp32 masters and partitioned state (ZeRO 1-3, bf16),
+        or None when a torch AdamW holds the parameters' state directly (plain path, fp32 ZeRO-0)."""
+        if not self.deepspeed:
+            return None
+        opt = self.engine.optimizer
+        return None if isinstance(opt, torch.optim.Optimizer) else opt
+
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        wrapper = self._partitioner()
+        if wrapper is not None:
+            return wrapper.optimizer
+        return self.engine.optimizer if self.deepspeed else self.optimizer
+
+    def optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        """Every trainable parameter's AdamW moments, whole, by name (plus the fp32 master copy
+        where DeepSpeed keeps one). A collective under ZeRO: every rank calls it, same order."""
+        out: dict[str, torch.Tensor] = {}
+        wrapper = self._partitioner()
+        if wrapper is not None:
+            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+            for n, p in zip(self.names, self.params):
+                for key in MOMENTS:
+                    out[f"{n}{SEP}{key}"] = safe_get_full_optimizer_state(p, key)
+                out[f"{n}{SEP}{MASTER}"] = safe_get_full_fp32_param(p)
+        else:
+            state = self._torch_optimizer().state
+            for n, p in zip(self.names, self.params):
+                out.update({f"{n}{SEP}{key}": state[p][key] for key in MOMENTS})
+        return {k: v.detach().contiguous().cpu().clone() for k, v in out.items()}
+
     def save(self, directory: Path, progress: FitProgress) -> None:
-        """Write a checkpoint into ``directory`` (a rank-local dir). EVERY rank must call this."""
+        """Write a checkpoint into ``directory`` (a rank-local dir). EVERY rank must call this.
+
+        Everything is whole tensors by parameter name (safetensors) + JSON, independent of the
+        world size and ZeRO stage: a restart on another number of workers re-partitions it.
+        """
         directory.mkdir(parents=True, exist_ok=True)
-        if self.deepspeed:
-            # DeepSpeed's save is a collective; the frozen base is not part of the checkpoint
-            self.engine.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
+        moments = self.optimizer_tensors()
         with self.whole():
             tensors = {n: p.detach().contiguous().cpu().clone() for n, p in zip(self.names, self.params)}
         if self.rank == 0:
             save_file(tensors, str(directory / PARAMS_FILE))
-            if not self.deepspeed:
-                save_adamw(self.optimizer, directory)
+            save_file(moments, str(directory / OPTIM_TENSORS))
             (directory / PROGRESS_FILE).write_text(json.dumps(progress.to_json(), indent=1, sort_keys=True))
 
     def load(self, directory: Path, progress: FitProgress) -> None:
-        """Restore parameters and optimizer state from :meth:`save`'s files (every rank)."""
+        """Restore :meth:`save`'s parameters, AdamW state and LR schedule (every rank, any world size).
+
+        DeepSpeed's own checkpoint loader is never used: it unpickles files that anyone who can
+        write the run's storage could have replaced.
+        """
         tensors = load_file(str(directory / PARAMS_FILE))
-        missing = [n for n in self.names if n not in tensors]
+        moments = load_file(str(directory / OPTIM_TENSORS))
+        missing = [n for n in self.names if n not in tensors or f"{n}{SEP}{MOMENTS[0]}" not in moments]
         if missing:
-            raise ValueError(f"{directory / PARAMS_FILE}: no tensor for trainable parameter(s) {missing[:3]}")
-        same_layout = progress.world_size == self.world_size and progress.zero_stage == self.train.zero_stage
-        if self.deepspeed and same_layout and (directory / DS_DIR).is_dir():
-            self.engine.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG, load_module_strict=False,
-                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+            raise ValueError(f"{directory}: no saved tensor or optimizer state for trainable parameter(s) {missing[:3]}")
+        with self.whole(), torch.no_grad():
+            for n, p in zip(self.names, self.params):
+                p.copy_(tensors[n].to(p.dtype))
+        opt = self._torch_optimizer()
+        wrapper = self._partitioner()
+        # ZeRO-3 hands its flat fp32 partitions to the optimizer's param groups only during its step
+        flats = getattr(wrapper, "fp32_partitioned_groups_flat", None) or \
+            [flat for group in opt.param_groups for flat in group["params"]]
+        for flat in flats:  # the state AdamW creates at its first step, at the saved step
+            opt.state[flat] = {"step": torch.tensor(float(progress.step), dtype=torch.float32),
+                               **{key: torch.zeros_like(flat) for key in MOMENTS}}
+        if wrapper is not None:
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+            link = getattr(wrapper, "_lazy_init_hp_params_optimizer_state", None)
+            if link is not None:  # ZeRO-1/2 and bf16 point each parameter's slice at the state
+                link()
+            for n, p in zip(self.names, self.params):
+                for key in MOMENTS:
+                    safe_set_full_optimizer_state(p, moments[f"{n}{SEP}{key}"].to(p.device), key)
+                # a checkpoint of the plain path has no separate master: its parameters are fp32
+                master = moments.get(f"{n}{SEP}{MASTER}", tensors[n]).to(p.device, torch.float32)
+                safe_set_full_fp32_param(p, master)
         else:
-            with self.whole(), torch.no_grad():
+            with torch.no_grad():
                 for n, p in zip(self.names, self.params):
-                    p.copy_(tensors[n].to(p.dtype))
-            if self.deepspeed:  # different layout: fresh optimizer state, schedule fast-forwarded
-                for _ in range(progress.step):
-                    self.engine.lr_scheduler.step()
-            else:
-                if (directory / OPTIM_TENSORS).is_file() and same_layout:
-                    load_adamw(self.optimizer, directory)
-                for _ in range(progress.step):
-                    self.schedule.step()
-
-
-def save_adamw(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """AdamW state as safetensors (moments, step counts) + JSON (param groups): no pickle."""
-    state = optimizer.state_dict()
-    tensors = {}
-    for idx, slots in state["state"].items():
-        for key, value in slots.items():
-            tensors[f"{idx}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
-    save_file(tensors, str(directory / OPTIM_TENSORS))
-    (directory / OPTIM_META).write_text(json.dumps({"param_groups": state["param_groups"]}, sort_keys=True))
-
-
-def load_adamw(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    tensors = load_file(str(directory / OPTIM_TENSORS))
-    groups = json.loads((directory / OPTIM_META).read_text())["param_groups"]
-    for group in groups:  # JSON has no tuples
-        group.update({k: tuple(v) for k, v in group.items() if k != "params" and isinstance(v, list)})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+                    for key in MOMENTS:
+                        opt.state[p][key].copy_(moments[f"{n}{SEP}{key}"])
+        schedule = self.engine.lr_scheduler if self.deepspeed else self.schedule
+        with warnings.catch_warnings():  # torch warns of a schedule stepped before its optimizer
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(progress.step):
+                schedule.step()
 
 
 def reduce_logs(totals: dict[str, float], count: int) -> dict[str, float]:

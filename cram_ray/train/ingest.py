@@ -41,7 +41,7 @@ from cram_ray.data.records import DataError, Record
 from cram_ray.pipeline.ledger import Storage
 
 SHARD_GLOB = "part-*.parquet"
-PLAN_COLUMNS = ("seq", "phase", "step", "dp_rank", "shared")
+PLAN_COLUMNS = ("seq", "phase", "step", "slot", "shared")
 
 
 # -- where the rows are ------------------------------------------------------------------------
@@ -103,7 +103,7 @@ class StreamPlan:
 
     n: int  # records in the split
     batch_size: int  # global batch (train.batch_size capped at n, as train_stream does)
-    world_size: int
+    world_size: int  # the most workers the run may have (train.max_workers)
     seed: int
     task: int
     phases: list[Phase] = field(default_factory=list)
@@ -124,9 +124,12 @@ class StreamPlan:
             raise DataError(f"task {task}: the training split is empty")
         return cls(n, min(batch_size, n), world_size, seed, task, list(phases), mode, shuffle_buffer)
 
-    @property
-    def micro(self) -> int:
-        return self.batch_size // self.world_size
+    def micro(self, world_size: int) -> int:
+        """Samples per rank per step on ``world_size`` workers."""
+        if self.batch_size % world_size:
+            raise DataError(f"task {self.task}: a batch of {self.batch_size} samples does not split over "
+                            f"{world_size} workers")
+        return self.batch_size // world_size
 
     @property
     def per_epoch(self) -> int:
@@ -147,11 +150,10 @@ class StreamPlan:
         return sum(self.rows_of(i) for i in range(phase))
 
     # -- stream mode -----------------------------------------------------------------------
-    @property
-    def batches_per_epoch(self) -> int:
-        """Micro-batches every rank draws per epoch: ``streaming_split(equal=True)`` gives each rank
-        ``n // W`` rows; full micro-batches only (``W * micro <= n``, so at least one)."""
-        return (self.n // self.world_size) // self.micro
+    def batches_per_epoch(self, world_size: int) -> int:
+        """Micro-batches every rank draws per epoch on ``world_size`` workers: ``streaming_split(equal=True)``
+        gives each rank ``n // W`` rows; full micro-batches only (``W * micro <= n``, so at least one)."""
+        return (self.n // world_size) // self.micro(world_size)
 
     def step_index(self, phase: int, step: int) -> int:
         """Place of ``(phase, step)`` in the fused run's sequence of steps."""
@@ -179,14 +181,14 @@ class StreamPlan:
         return np.concatenate(pos_parts), np.concatenate(seq_parts)
 
     def columns_for(self, seq: np.ndarray) -> dict[str, np.ndarray]:
-        """The plan columns of samples ``seq``: phase index, step within the phase, data-parallel rank."""
+        """The plan columns of samples ``seq``: phase index, step within the phase, place in the step's batch."""
         bounds = np.cumsum([self.rows_of(k) for k in range(len(self.phases))])
         phase = np.searchsorted(bounds, seq, side="right")
         within = seq - np.concatenate([[0], bounds])[phase]
         shared = np.array([p.shared for p in self.phases] + [False], dtype=np.int64)
         return {
             "seq": seq, "phase": phase.astype(np.int64), "step": within // self.batch_size,
-            "dp_rank": (within % self.batch_size) // self.micro, "shared": shared[phase],
+            "slot": within % self.batch_size, "shared": shared[phase],
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -224,11 +226,13 @@ def _plan_index(plan_key: str) -> tuple[np.ndarray, np.ndarray]:
     return pos[order], seq[order]
 
 
-def select_rank(table: pa.Table, rank: int) -> pa.Table:
-    """Ray Data filter: the rows of one data-parallel rank (its share, plus every shared row)."""
+def select_rank(table: pa.Table, rank: int, micro: int) -> pa.Table:
+    """Ray Data filter: the rows of one data-parallel rank (its ``micro`` slots, plus every shared row)."""
     import pyarrow.compute as pc
 
-    return table.filter(pc.or_(pc.equal(table.column("dp_rank"), rank), pc.equal(table.column("shared"), 1)))
+    slot = table.column("slot")
+    mine = pc.and_(pc.greater_equal(slot, rank * micro), pc.less(slot, (rank + 1) * micro))
+    return table.filter(pc.or_(mine, pc.equal(table.column("shared"), 1)))
 
 
 # -- decode + tokenise (map_batches) and padding (worker) ---------------------------------------
@@ -353,8 +357,9 @@ class ShardStream:
     """
 
     def __init__(self, shard: Any, plan: StreamPlan, rank: int, *, pad_id: int, pixel_dtype: Any,
-                 prefetch: int = 4) -> None:
+                 prefetch: int = 4, world_size: Optional[int] = None) -> None:
         self.shard, self.plan, self.rank = shard, plan, rank
+        self.world_size = world_size or plan.world_size  # the group's size: fewer than planned after an elastic restart
         self.collate = _collate_class()(pad_id, pixel_dtype)
         self.pad_id, self.prefetch = pad_id, prefetch
         self.epoch: Optional[int] = None
@@ -366,13 +371,13 @@ class ShardStream:
             for _ in self._batches:  # the split's epochs run in lockstep: finish this one first
                 pass
         self._batches = iter(self.shard.iter_torch_batches(
-            batch_size=self.plan.micro, drop_last=True, prefetch_batches=self.prefetch, device="cpu",
+            batch_size=self.plan.micro(self.world_size), drop_last=True, prefetch_batches=self.prefetch, device="cpu",
             collate_fn=self.collate, local_shuffle_buffer_size=self.plan.shuffle_rows(),
             local_shuffle_seed=self.plan.shuffle_seed(epoch, self.rank)))
         self.epoch, self.position = epoch, 0
 
     def take(self, phase: int, step: int) -> list[dict[str, Any]]:
-        epoch, index = divmod(self.plan.step_index(phase, step), self.plan.batches_per_epoch)
+        epoch, index = divmod(self.plan.step_index(phase, step), self.plan.batches_per_epoch(self.world_size))
         if self.epoch != epoch or self.position > index:
             self._start(epoch)
         try:
@@ -382,7 +387,7 @@ class ShardStream:
             mine = next(self._batches)
         except StopIteration:
             raise RuntimeError(f"rank {self.rank}: epoch {epoch} of the training data ended after "
-                               f"{self.position} of {self.plan.batches_per_epoch} batches") from None
+                               f"{self.position} of {self.plan.batches_per_epoch(self.world_size)} batches") from None
         self.position += 1
         if not self.plan.phases[phase].shared:
             return [mine]

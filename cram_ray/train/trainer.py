@@ -50,22 +50,26 @@ def runs_root(ctx: StageContext) -> str:
 
 
 class RankSplit(DataConfig):
-    """Each worker gets the rows planned for its rank (``dp_rank``), decoded and tokenised.
+    """Each worker gets the rows of its slots of every batch, decoded and tokenised.
 
     Ray's default split (``streaming_split``) hands blocks to whichever worker asks first; here
     the assignment is part of the data, so a run (and its restart) trains on the same batches.
+    ``configure`` runs for every worker group, with its size: an elastic restart on fewer workers
+    re-splits the same batches.
     """
 
-    def __init__(self, source: str, task: int) -> None:
+    def __init__(self, source: str, task: int, plan: StreamPlan) -> None:
         super().__init__(datasets_to_split=[])
         self.source = source
         self.task = task
+        self.plan = plan
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         out = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             for rank in range(world_size):
-                mine = ds.map_batches(select_rank, fn_kwargs={"rank": rank}, batch_format="pyarrow") \
+                mine = ds.map_batches(select_rank, fn_kwargs={"rank": rank, "micro": self.plan.micro(world_size)},
+                                      batch_format="pyarrow") \
                     if world_size > 1 else ds
                 mine = mine.map_batches(encode_rows, fn_kwargs={"source": self.source, "task": self.task},
                                         batch_format="numpy", batch_size=64)
@@ -82,8 +86,9 @@ def plan_for(ctx: StageContext, task: int, stages: list[str], n: int) -> StreamP
     train = ctx.cfg.train
     method = make_method(ctx.cfg)  # only asks how many steps the probe takes: no model is built
     probe = method.probe_steps(train.steps_per_task)
-    workers = train.num_workers
-    micro_batch_size(train, workers)  # a clear error when the batch does not split
+    workers = train.max_workers
+    for size in range(train.min_workers, workers + 1):  # an elastic run may restart at any size in range
+        micro_batch_size(train, size)  # a clear error when the batch does not split
     phases = [
         Phase("probe", probe if "probe" in stages else 0, "probe", shared=workers > 1),
         Phase("train", train.steps_per_task - probe if "train" in stages else 0, "train"),
@@ -154,7 +159,7 @@ def make_trainer(ctx: StageContext, task: int, stages: list[str], source: str) -
         data_config = DataConfig(execution_options=ExecutionOptions(preserve_order=True))
     else:
         ds, plan = train_dataset(ctx, task, stages)
-        data_config = RankSplit(source, task)
+        data_config = RankSplit(source, task, plan)
     config: dict[str, Any] = {"ctx": ctx.to_json(), "task": task, "stages": stages, "plan": plan.to_json()}
     if os.environ.get(FAULT_ENV):
         config[FAULT_KEY] = json.loads(os.environ[FAULT_ENV])
@@ -162,7 +167,7 @@ def make_trainer(ctx: StageContext, task: int, stages: list[str], source: str) -
         train_loop_per_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker}),
         run_config=RunConfig(
             name=run_name(task),

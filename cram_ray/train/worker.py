@@ -13,10 +13,12 @@ Every rank runs :func:`train_loop_per_worker`. For each sub-stage of the run, in
    ``Ledger.commit``, then all ranks meet at a barrier before the next sub-stage restores it.
 
 Inside probe and train, every ``train.checkpoint_every`` steps all ranks save a checkpoint
-(DeepSpeed's save is a collective, so no rank may skip it) and report it with ``ray.train.report``. After
-a worker failure, Ray Train restarts the group; the new attempt skips committed sub-stages and
-resumes the interrupted one from ``ray.train.get_checkpoint()`` when the checkpoint's sub-stage and
-inputs (the checksums of the state it started from) match.
+(gathering ZeRO's partitioned optimizer state is a collective) and report it with
+``ray.train.report``. After a worker failure, Ray Train restarts the group (an elastic group with
+the workers that still fit); the new attempt skips committed sub-stages and resumes the interrupted
+one from ``ray.train.get_checkpoint()`` when the checkpoint's sub-stage and inputs (the checksums
+of the state it started from) match, at any world size: the checkpoint holds whole tensors, and
+every rank's rows of a step are its slots of the same global batch.
 """
 from __future__ import annotations
 
@@ -206,19 +208,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     plan = StreamPlan.from_json(config["plan"])
     train_ctx = ray.train.get_context()
     rank, world_size = train_ctx.get_world_rank(), train_ctx.get_world_size()
-    if world_size != plan.world_size:
-        raise RuntimeError(f"the data was planned for {plan.world_size} workers, the run has {world_size}")
+    if world_size > plan.world_size:
+        raise RuntimeError(f"the data was planned for at most {plan.world_size} workers, the run has {world_size}")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     shard = ray.train.get_dataset_shard("train")
     if plan.mode == "exact":
-        stream = RowStream(shard.iter_batches(batch_size=plan.micro, batch_format="numpy", prefetch_batches=2))
+        stream = RowStream(shard.iter_batches(batch_size=plan.micro(world_size), batch_format="numpy", prefetch_batches=2))
     rt = runtime(ctx)
     processor = rt.vlm.processor
     pixel_dtype = next(rt.vlm.model.parameters()).dtype
     if plan.mode == "exact":
         collate, merge = (lambda rows: collate_train(rows, pad_id=processor.text.pad_id, pixel_dtype=pixel_dtype)), None
     else:
-        stream = ShardStream(shard, plan, rank, pad_id=processor.text.pad_id, pixel_dtype=pixel_dtype)
+        stream = ShardStream(shard, plan, rank, pad_id=processor.text.pad_id, pixel_dtype=pixel_dtype,
+                             world_size=world_size)
         collate, merge = (lambda batch: batch), (lambda parts: merge_collated(parts, pad_id=processor.text.pad_id))
     device = ray.train.torch.get_device() if ctx.cfg.train.use_gpu else torch.device("cpu")
     resume = _resume_point(ray.train.get_checkpoint())
@@ -312,7 +315,7 @@ def _ray_fit(ctx: StageContext, task: int, stage: str, rank: int, fingerprint: O
     def checkpoint(stepper: Stepper, progress: FitProgress) -> None:
         if progress.step % every == 0 and progress.step < progress.steps:
             with tempfile.TemporaryDirectory(prefix="cram-ckpt-") as tmp:
-                stepper.save(Path(tmp), progress)  # every rank: DeepSpeed's save is a collective
+                stepper.save(Path(tmp), progress)  # every rank: gathering ZeRO's state is a collective
                 if rank == 0:
                     meta = {"task": task, "stage": stage, "step": progress.step, "inputs": fingerprint}
                     (Path(tmp) / CKPT_META).write_text(json.dumps(meta))

@@ -43,16 +43,21 @@ def test_one_train_run_commits_probe_allocate_and_train(uninterrupted):
         assert (ctx.storage.local_path(ctx.ledger.rel(0, stage)) / "state.safetensors").is_file()
 
 
-def test_checkpoints_hold_every_ranks_zero_partition_and_our_state(uninterrupted):
+def test_checkpoints_hold_the_whole_optimizer_state_as_safetensors_only(uninterrupted):
+    from safetensors.torch import load_file
+
     ctx, _, _ = uninterrupted
     run_dir = ctx.storage.local_path(f"{ctx.run_id}/train_runs") / "task_0"
     assert str(run_dir.parent) == runs_root(ctx)
     ckpts = sorted(p for p in run_dir.iterdir() if p.name.startswith(("probe-", "train-")))
     assert [p.name for p in ckpts] == ["train-step000005"]  # every 5 steps, none at a fit's last step
     files = {p.relative_to(ckpts[0]).as_posix() for p in ckpts[0].rglob("*") if p.is_file()}
-    assert {"trainable.safetensors", "progress.json", "fused.json"} <= files
-    partitions = [f for f in files if "zero_pp_rank_" in f and f.endswith("optim_states.pt")]
-    assert len(partitions) == 2  # ZeRO-2: each rank saved its own optimizer partition
+    # no DeepSpeed (pickled) files: ZeRO-2's two partitions were gathered into whole tensors
+    assert files == {"trainable.safetensors", "optimizer.safetensors", "progress.json", "fused.json"}
+    params = load_file(str(ckpts[0] / "trainable.safetensors"))
+    state = load_file(str(ckpts[0] / "optimizer.safetensors"))
+    assert set(state) == {f"{n}::{k}" for n in params for k in ("exp_avg", "exp_avg_sq", "master")}
+    assert all(state[f"{n}::master"].shape == p.shape for n, p in params.items())
     meta = json.loads((ckpts[0] / "fused.json").read_text())
     assert meta["stage"] == "train" and meta["step"] == 5
 

@@ -45,11 +45,11 @@ def _draw(ray):
 
 def test_each_epoch_splits_the_data_equally_without_repeats_and_reruns_identically(ray_cluster):
     plan, drawn = _draw(ray_cluster)
-    per_epoch = plan.batches_per_epoch
+    per_epoch = plan.batches_per_epoch(plan.world_size)
     assert per_epoch == 4 and all(len(d) == STEPS for d in drawn)
     for epoch in range(2):
         got = [s for rank in drawn for batch in rank[epoch * per_epoch:(epoch + 1) * per_epoch] for s in batch]
-        assert len(got) == len(set(got)) == WORLD * per_epoch * plan.micro  # N - 5 rows: full batches only
+        assert len(got) == len(set(got)) == WORLD * per_epoch * plan.micro(WORLD)  # N - 5 rows: full batches only
         assert set(got) <= {f"r{i}" for i in range(N)}
         # each rank draws from its own share of the rows
         assert not set(sum(drawn[0][:per_epoch], [])) & set(sum(drawn[1][:per_epoch], []))

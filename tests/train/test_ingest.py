@@ -81,7 +81,7 @@ def test_plan_reproduces_the_local_stream_for_each_phase():
     cols = plan.columns_for(np.arange(len(seq)))
     assert cols["phase"].tolist() == [0] * 12 + [1] * 36
     assert cols["step"].tolist()[:12] == [0] * 4 + [1] * 4 + [2] * 4
-    assert cols["dp_rank"].tolist()[:8] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert cols["slot"].tolist()[:8] == [0, 1, 2, 3, 0, 1, 2, 3]
     assert cols["shared"].tolist() == [0] * 48
 
 
@@ -104,10 +104,12 @@ def test_expand_then_sort_then_rank_split_gives_each_rank_its_share_of_every_bat
     pos, seq = plan.assignments()
     expected_ids = [recs[p].id for p in pos[np.argsort(seq)]]
     assert rows.column("id").to_pylist() == expected_ids
-    r0, r1 = select_rank(rows, 0), select_rank(rows, 1)
+    r0, r1 = select_rank(rows, 0, plan.micro(2)), select_rank(rows, 1, plan.micro(2))
     assert r0.num_rows == r1.num_rows == 14
     # rank 0 holds the first half of every global batch, rank 1 the second
     assert r0.column("id").to_pylist()[:2] + r1.column("id").to_pylist()[:2] == expected_ids[:4]
+    # an elastic restart on one worker: the same rows, the whole batch on rank 0, in stream order
+    assert select_rank(rows, 0, plan.micro(1)).column("id").to_pylist() == expected_ids
 
 
 def test_shared_phase_rows_reach_every_rank():
@@ -115,7 +117,7 @@ def test_shared_phase_rows_reach_every_rank():
     plan = StreamPlan.build(n=9, batch_size=4, world_size=2, seed=1, task=0,
                             phases=[Phase("probe", 2, "probe", shared=True), Phase("train", 3, "train")])
     rows = expand_rows(records_table(recs), plan.to_json(), positions_of([r.id for r in recs], "t")).sort_by("seq")
-    r0, r1 = select_rank(rows, 0), select_rank(rows, 1)
+    r0, r1 = select_rank(rows, 0, plan.micro(2)), select_rank(rows, 1, plan.micro(2))
     assert r0.column("seq").to_pylist()[:8] == r1.column("seq").to_pylist()[:8] == list(range(8))
     assert r0.num_rows == r1.num_rows == 8 + 6
 
@@ -149,7 +151,7 @@ def test_encode_then_collate_equals_the_processor_train_batch():
 def test_stream_plan_addresses_steps_across_epochs_and_phases():
     plan = StreamPlan.build(n=29, batch_size=6, world_size=2, seed=0, task=1, mode="stream",
                             phases=[Phase("probe", 2, "probe"), Phase("train", 9, "train")])
-    assert plan.micro == 3 and plan.batches_per_epoch == 14 // 3  # each rank holds 29 // 2 rows
+    assert plan.micro(2) == 3 and plan.batches_per_epoch(2) == 14 // 3  # each rank holds 29 // 2 rows
     assert [plan.step_index(0, s) for s in range(2)] + [plan.step_index(1, s) for s in range(9)] == list(range(11))
     assert plan.shuffle_rows() == 14  # unbounded buffer: the rank's whole share
     assert StreamPlan.from_json(plan.to_json()) == plan
