@@ -180,13 +180,14 @@ class SameConfig:
     target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])  # FFN, as the reference
     mu: float = 0.9  # curvature damping
     energy: float = 0.9  # cumulative energy kept by the spectral subspaces
-    every: int = 20  # steps between router-subspace refreshes
+    every: int = 20  # steps between sketches of the router inputs
     mask_threshold: float = 0.1  # adaptive activation score threshold
     start: int = 10  # first step of spectral-aware routing
     k: int = 64  # randomized range finder size
-    windows: int = 3  # refreshes averaged into S_avg
+    windows: int = 3  # singular values averaged (each with the ones before it) before the spectral factor
     scale_min: float = 0.8  # clamp of the in-subspace router-gradient factor
-    scale_max: float = 1.2
+    scale_max: float = 1.2  # the factor is normalised by its max, so it never exceeds 1 (as the reference)
+    freeze_old: bool = False  # True: only the task's own expert trains (the reference trains every expert)
     ema: float = 0.95  # decay of the utility / importance averages
     prior_temperature: float = 28.0  # inference prior: softmax(temp * similarity)
     prior_image_weight: float = 0.2  # prior similarity = w cos_img + (1 - w) cos_txt
