@@ -208,10 +208,27 @@ class SameConfig:
 
 
 @dataclass
+class ModalPromptConfig:
+    """ModalPrompt: a soft prompt and a prototype head per task, chosen at test time by image/text guidance."""
+
+    prompt_len: int = 96  # soft-prompt tokens per task (the reference's prefix_len at 7B)
+    image_weight: float = 0.5  # guide = w cos(img, proto) + (1 - w) cos(txt, proto) (the reference's lam)
+    align_loss: bool = True  # add 1 - cos(feature, prototype) for image and text (the reference computes, then drops them)
+    image_dim: int = 0  # width of the image routing features; 0 = read from the model's vision tower
+    text_dim: int = 0  # width of the text routing features; 0 = read from model.text_encoder
+
+    def __post_init__(self) -> None:
+        if self.prompt_len < 1 or self.image_dim < 0 or self.text_dim < 0:
+            raise ConfigError("method.modalprompt: expected prompt_len >= 1 and image_dim, text_dim >= 0")
+        if not 0.0 <= self.image_weight <= 1.0:
+            raise ConfigError(f"method.modalprompt.image_weight: expected in [0, 1], got {self.image_weight}")
+
+
+@dataclass
 class MethodConfig:
     """Which continual-learning method, and where its adapters go."""
 
-    name: str = "cram"  # cram | lora_ft | oracle | olora | moelora | hide | same
+    name: str = "cram"  # cram | lora_ft | oracle | olora | moelora | hide | same | modalprompt
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     lora_rank: int = 8  # rank of a LoRA / one expert slot of the fixed-rank methods
     cram: CramConfig = field(default_factory=CramConfig)
@@ -219,6 +236,7 @@ class MethodConfig:
     olora: OLoRAConfig = field(default_factory=OLoRAConfig)
     hide: HiDeConfig = field(default_factory=HiDeConfig)
     same: SameConfig = field(default_factory=SameConfig)
+    modalprompt: ModalPromptConfig = field(default_factory=ModalPromptConfig)
 
 
 @dataclass
