@@ -155,6 +155,7 @@ class OLoRAConfig:
     """O-LoRA: one slot per task, orthogonality penalty against the old slots."""
 
     lam: float = 0.5  # weight of sum |A_t A_i^T| (A_i detached)
+    train_sum: bool = False  # training forward: the task's slot alone (toolbox) or every slot summed (O-LoRA's own code)
 
     def __post_init__(self) -> None:
         if not self.lam >= 0:

@@ -1,7 +1,9 @@
 """O-LoRA: orthogonal subspaces, one LoRA per task, all of them summed (DESIGN §4; Wang et al. 2023).
 
-Task ``t`` opens a rank-``r`` slot; only it trains, every earlier slot is frozen and still part of
-the forward pass (weight 1 each, at training and at test time: there is no routing). The loss adds
+Task ``t`` opens a rank-``r`` slot; only it trains, every earlier slot is frozen. The training
+forward uses slot t alone, as the reference toolbox (``method.olora.train_sum: true``: every slot
+0..t at weight 1, as O-LoRA's own code); at test time every slot is summed at weight 1 (there is
+no routing). The loss adds
 
     L_orth = lambda * sum_layers sum_{i<t} sum_jk |(A_t A_i^T)_jk|
 
@@ -18,7 +20,7 @@ from torch import nn
 from cram_ray.config import StreamConfig
 from cram_ray.experts.adapter import RoutingContext
 from cram_ray.methods.base import Batch
-from cram_ray.methods.common import SlotPerTask
+from cram_ray.methods.common import SlotPerTask, one_hot
 
 
 def orthogonality_penalty(A_new: torch.Tensor, A_old: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -37,17 +39,21 @@ class OLoRA(SlotPerTask):
     def __init__(self, cfg: StreamConfig) -> None:
         super().__init__(cfg)
         self.lam = cfg.method.olora.lam
+        self.train_sum = cfg.method.olora.train_sum
         self.context = RoutingContext()
 
     def attach(self, model: nn.Module) -> None:
         self.slots.attach(model, self.cfg.method.target_modules, context=self.context)
 
     def route(self, batch: Batch, *, training: bool) -> None:
-        """Every slot at weight 1 (while training task t these are the slots 0..t)."""
+        """Every slot at weight 1, or while training (unless ``train_sum``) the task's slot alone."""
         self.context.clear()
         n = len(self.slots)
-        if n:
-            self.context.weights = torch.ones(batch["input_ids"].shape[0], n)
+        size = batch["input_ids"].shape[0]
+        if training and not self.train_sum:
+            self.context.weights = one_hot(torch.full((size,), self.task.index), n)
+        elif n:
+            self.context.weights = torch.ones(size, n)
 
     def penalty(self) -> torch.Tensor:
         """Unweighted L_orth of the current task's slot against every earlier slot, over all layers."""
