@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from baselines_util import (
-    D_IMG, D_TXT, IMG_CENTRES, TXT_CENTRES, assert_same_state, fresh, grads_only_on, logits_of, make_batch, make_cfg,
+    D_IMG, D_TXT, assert_same_state, fresh, grads_only_on, logits_of, make_batch, make_cfg, mixed_batch,
     model_inputs, roundtrip, run_task, snapshot, train_steps,
 )
 from cram_ray.data.records import TaskInfo
@@ -13,13 +13,6 @@ from cram_ray.methods.modal_prompt import ModalPrompt, PromptPrefix, guide_score
 transformers = pytest.importorskip("transformers")
 P = 3
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg(**settings):
@@ -121,10 +114,8 @@ def test_the_top1_prompt_is_the_guide_scores_argmax():
     g = torch.Generator().manual_seed(4)
     for t in range(3):
         run_task(model, m, t, g)
-    batch = make_batch(0, g, size=6)
     truth = torch.tensor([2, 0, 1, 1, 0, 2])
-    batch["img_feat"] = IMG_CENTRES[truth] + 0.1 * torch.randn(6, D_IMG, generator=g)
-    batch["txt_feat"] = TXT_CENTRES[truth] + 0.1 * torch.randn(6, D_TXT, generator=g)
+    batch = mixed_batch(truth, g)
     batch["has_image"][1] = False
     m.route(batch, training=False)
     with torch.no_grad():

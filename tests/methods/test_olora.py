@@ -1,5 +1,4 @@
 """O-LoRA: the orthogonality penalty on known matrices, its gradient, frozen old slots, summed inference."""
-import pytest
 import torch
 
 from baselines_util import (
@@ -10,13 +9,6 @@ from cram_ray.data.records import TaskInfo
 from cram_ray.methods import make_method
 from cram_ray.methods.olora import OLoRA, orthogonality_penalty
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_penalty_equals_the_hand_computed_sum():

@@ -1,10 +1,9 @@
 """SAME: the math pieces on known matrices, then the method's routing, surgery and state."""
-import pytest
 import torch
 
 from baselines_util import (
-    D_IMG, D_TXT, IMG_CENTRES, TXT_CENTRES, assert_same_state, fresh, grads_only_on, logits_of, make_batch, make_cfg,
-    model_inputs, roundtrip, run_task, snapshot, train_steps,
+    assert_same_state, fresh, grads_only_on, logits_of, make_batch, make_cfg, mixed_batch, model_inputs,
+    roundtrip, run_task, snapshot, train_steps,
 )
 from cram_ray.data.records import TaskInfo
 from cram_ray.methods import make_method
@@ -13,13 +12,6 @@ from cram_ray.methods.same import (
     project_router_grad, randomized_range_finder, sketch, spectral_factors, training_weights,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _orthonormal(d, k, seed):
@@ -257,10 +249,8 @@ def test_inference_prior_top2_and_routed_task():
     g = torch.Generator().manual_seed(6)
     for t in range(3):
         run_task(model, m, t, g)
-    batch = make_batch(0, g, size=6)
     truth = torch.tensor([2, 0, 1, 1, 0, 2])
-    batch["img_feat"] = IMG_CENTRES[truth] + 0.1 * torch.randn(6, D_IMG, generator=g)
-    batch["txt_feat"] = TXT_CENTRES[truth] + 0.1 * torch.randn(6, D_TXT, generator=g)
+    batch = mixed_batch(truth, g)
     del batch["labels"]  # an evaluation prompt
     logits_of(model, m, batch)
     prior = torch.softmax(28 * m.anchors.scores(batch, 0.2), -1).float()
