@@ -193,6 +193,7 @@ class OLoRAConfig:
     """O-LoRA: one slot per task, orthogonality penalty against the old slots."""
 
     lam: float = 0.5  # weight of sum |A_t A_i^T| (A_i detached)
+    train_sum: bool = False  # training forward: the task's slot alone (toolbox) or every slot summed (O-LoRA's own code)
 
     def __post_init__(self) -> None:
         if not self.lam >= 0:
@@ -218,13 +219,14 @@ class SameConfig:
     target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])  # FFN, as the reference
     mu: float = 0.9  # curvature damping
     energy: float = 0.9  # cumulative energy kept by the spectral subspaces
-    every: int = 20  # steps between router-subspace refreshes
+    every: int = 20  # steps between sketches of the router inputs
     mask_threshold: float = 0.1  # adaptive activation score threshold
     start: int = 10  # first step of spectral-aware routing
     k: int = 64  # randomized range finder size
-    windows: int = 3  # refreshes averaged into S_avg
+    windows: int = 3  # singular values averaged (each with the ones before it) before the spectral factor
     scale_min: float = 0.8  # clamp of the in-subspace router-gradient factor
-    scale_max: float = 1.2
+    scale_max: float = 1.2  # the factor is normalised by its max, so it never exceeds 1 (as the reference)
+    freeze_old: bool = False  # True: only the task's own expert trains (the reference trains every expert)
     ema: float = 0.95  # decay of the utility / importance averages
     prior_temperature: float = 28.0  # inference prior: softmax(temp * similarity)
     prior_image_weight: float = 0.2  # prior similarity = w cos_img + (1 - w) cos_txt
@@ -245,10 +247,27 @@ class SameConfig:
 
 
 @dataclass
+class ModalPromptConfig:
+    """ModalPrompt: a soft prompt and a prototype head per task, chosen at test time by image/text guidance."""
+
+    prompt_len: int = 96  # soft-prompt tokens per task (the reference's prefix_len at 7B)
+    image_weight: float = 0.5  # guide = w cos(img, proto) + (1 - w) cos(txt, proto) (the reference's lam)
+    align_loss: bool = True  # add 1 - cos(feature, prototype) for image and text (the reference computes, then drops them)
+    image_dim: int = 0  # width of the image routing features; 0 = read from the model's vision tower
+    text_dim: int = 0  # width of the text routing features; 0 = read from model.text_encoder
+
+    def __post_init__(self) -> None:
+        if self.prompt_len < 1 or self.image_dim < 0 or self.text_dim < 0:
+            raise ConfigError("method.modalprompt: expected prompt_len >= 1 and image_dim, text_dim >= 0")
+        if not 0.0 <= self.image_weight <= 1.0:
+            raise ConfigError(f"method.modalprompt.image_weight: expected in [0, 1], got {self.image_weight}")
+
+
+@dataclass
 class MethodConfig:
     """Which continual-learning method, and where its adapters go."""
 
-    name: str = "cram"  # cram | lora_ft | oracle | olora | moelora | hide | same
+    name: str = "cram"  # cram | lora_ft | oracle | olora | moelora | hide | same | modalprompt
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     lora_rank: int = 8  # rank of a LoRA / one expert slot of the fixed-rank methods
     lora_ranks: dict[str, int] = field(default_factory=dict)  # method name -> its lora_rank, where it differs (7B reference ranks)
@@ -257,6 +276,7 @@ class MethodConfig:
     olora: OLoRAConfig = field(default_factory=OLoRAConfig)
     hide: HiDeConfig = field(default_factory=HiDeConfig)
     same: SameConfig = field(default_factory=SameConfig)
+    modalprompt: ModalPromptConfig = field(default_factory=ModalPromptConfig)
 
     def __post_init__(self) -> None:
         _at_least("method", self, 1, "lora_rank")

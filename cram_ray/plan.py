@@ -266,7 +266,7 @@ def estimate_memory(cfg: StreamConfig, *, arch: Optional[Arch] = None, attention
     mixed = on_gpu and cfg.model.dtype == "bfloat16"  # DeepSpeed's bf16 mode is GPU-only (cram_ray/train/zero.py)
     attention_scores = (not on_gpu) if attention_scores is None else attention_scores
     overhead = (GPU_OVERHEAD_GIB if on_gpu else 0.0) if overhead_gib is None else overhead_gib
-    world = t.num_workers if t.executor == "ray" else 1
+    world = t.max_workers if t.executor == "ray" else 1
     micro = t.batch_size // (world * t.grad_accum)
     seq = sequence_length(cfg, a)
     params = {"text": text_params(a), "vision": vision_params(a), "projector": projector_params(a)}
@@ -317,7 +317,7 @@ def step_seconds(cfg: StreamConfig, est: MemoryEstimate, tflops: float) -> float
     passes = 3 if t.gradient_checkpointing else 2
     lm = est.params["text"] + est.params["projector"] + est.params["adapter_trainable"]
     flops = 2 * lm * tokens * passes + 2 * est.params["vision"] * t.batch_size * est.arch.image_tokens
-    world = t.num_workers if t.executor == "ray" else 1
+    world = t.max_workers if t.executor == "ray" else 1
     return flops / (world * tflops * 1e12 * MFU)
 
 
@@ -379,7 +379,7 @@ def make_plan(cfg: StreamConfig, *, runs: int = 1) -> Plan:
         if problem:
             warnings.append(problem)
     names = task_names(cfg)
-    world = t.num_workers if t.executor == "ray" else 1
+    world = t.max_workers if t.executor == "ray" else 1
     lines = [f"plan: {runs} stream(s) of method {cfg.method.name}, executor {t.executor}"]
     lines.append("tasks: " + (f"{len(names)} ({', '.join(names)})" if names is not None
                               else "unknown until the manifest is found"))

@@ -19,7 +19,7 @@ from cram_ray.methods import REGISTRY  # noqa: E402
 SMOKE = str(ROOT / "workflows/configs/smoke.yaml")
 SUMMARY_KEYS = {"method", "benchmark", "tasks", "accuracy_matrix", "mft", "mfn", "maa", "bwt",
                 "routing_accuracy", "params_added", "params_added_total", "stage_seconds", "mlflow_run_id"}
-ROUTED = {"cram", "hide", "same", "oracle"}  # methods that make a routing decision per sample
+ROUTED = {"cram", "hide", "same", "oracle", "modalprompt"}  # methods that make a routing decision per sample
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ REGISTRY = {
     "moelora": "cram_ray.methods.moelora:MoELoRA",
     "hide": "cram_ray.methods.hide:HiDe",
     "same": "cram_ray.methods.same:Same",
+    "modalprompt": "cram_ray.methods.modal_prompt:ModalPrompt",
 }
 
 

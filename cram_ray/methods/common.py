@@ -3,6 +3,8 @@
 * :class:`TaskSlots` keeps one LoRA-initialised expert slot of rank ``r`` per task on
   :class:`~cram_ray.experts.adapter.ExpertLinear` layers, slot index = task index (oracle, O-LoRA,
   HiDe-LLaVA, SAME).
+* :class:`SlotPerTask` is the lifecycle of the methods whose task t trains its own slot t alone
+  (oracle, O-LoRA, HiDe-LLaVA): they add only their routing and losses.
 * :class:`FeatureMean` / :class:`TaskAnchors` turn a task's routing features into per-task mean
   vectors and score samples against them by cosine similarity (HiDe-LLaVA, SAME).
 
@@ -15,7 +17,9 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from cram_ray.config import StreamConfig
 from cram_ray.data.records import TaskInfo
+from cram_ray.methods.base import ContinualMethod
 from cram_ray.experts.adapter import ExpertLinear, RoutingContext, export_slots, import_slots, inject_experts
 
 EXPERT_SCALE = 2.0  # alpha = 2r, as LoRA-FT and CRAM
@@ -133,6 +137,55 @@ class TaskSlots:
                 layer.remove_slot(slot)
         import_slots(self.layers, tensors, meta)
         freeze(self.all_params())
+
+
+class SlotPerTask(ContinualMethod):
+    """Task t opens slot t (rank ``method.rank``) and trains it alone; every other slot stays
+    frozen. Subclasses attach the slots and route; their state extends this one's."""
+
+    state_version = 1
+
+    def __init__(self, cfg: StreamConfig) -> None:
+        super().__init__(cfg)
+        self.slots = TaskSlots(cfg.method.rank, cfg.train.seed)
+        self.training = False  # begin_train ran in this process
+
+    def begin_task(self, task: TaskInfo) -> None:
+        super().begin_task(task)
+        self.training = False
+        self.slots.open(task.index)
+
+    def allocate(self) -> dict[str, Any]:
+        return {"slot": self.task.index, **self.slots.ranks(self.task.index)}
+
+    def begin_train(self) -> None:
+        self.slots.train_only(self.task.index)
+        self.training = True
+
+    def end_task(self) -> dict[str, Any]:
+        freeze(self.slots.all_params())
+        self.training = False
+        return {"slot": self.task.index, "experts": len(self.slots)}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.slots.params(self.task.index) if self.training else []
+
+    def params_added(self) -> int:
+        return 0 if self.task is None else self.slots.numel(self.task.index)
+
+    def ranks(self) -> dict[str, Any]:
+        return {} if self.task is None else self.slots.ranks(self.task.index)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, ranks = self.slots.state()
+        return tensors, {"method": self.name, "version": self.state_version, "expert_ranks": ranks,
+                         "task": task_to_json(self.task)}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        check_meta(meta, self.name, self.state_version)
+        self.slots.load_state(tensors, meta["expert_ranks"])
+        self.task = task_from_json(meta["task"])
+        self.training = False
 
 
 class FeatureMean:

@@ -18,12 +18,9 @@ import torch
 from torch import nn
 
 from cram_ray.config import StreamConfig
-from cram_ray.data.records import TaskInfo
 from cram_ray.experts.adapter import RoutingContext
-from cram_ray.methods.base import Batch, ContinualMethod, Phase
-from cram_ray.methods.common import TaskAnchors, TaskSlots, check_meta, freeze, one_hot, task_from_json, task_to_json
-
-STATE_VERSION = 1
+from cram_ray.methods.base import Batch, Phase
+from cram_ray.methods.common import SlotPerTask, TaskAnchors, one_hot
 
 
 def pick_task(scores: torch.Tensor) -> torch.Tensor:
@@ -31,7 +28,7 @@ def pick_task(scores: torch.Tensor) -> torch.Tensor:
     return scores.argmax(dim=-1)
 
 
-class HiDe(ContinualMethod):
+class HiDe(SlotPerTask):
     """One expert per task; anchor-routed top block, summed lower blocks."""
 
     name = "hide"
@@ -41,11 +38,9 @@ class HiDe(ContinualMethod):
         super().__init__(cfg)
         self.image_weight = cfg.method.hide.image_weight
         self.fusion = cfg.method.hide.fusion
-        self.slots = TaskSlots(cfg.method.rank, cfg.train.seed)
         self.anchors = TaskAnchors()
         self.contexts: dict[int, RoutingContext] = {}  # block index -> its routing context
         self.last_block = -1
-        self.training = False
         self._choice: Optional[torch.Tensor] = None  # (B,) task of the last block's expert
 
     def attach(self, model: nn.Module) -> None:
@@ -56,18 +51,6 @@ class HiDe(ContinualMethod):
         self.last_block = max(self.contexts)
         if len(self.contexts) < 2:
             raise ValueError("hide: expected adapted linears in at least two transformer blocks")
-
-    def begin_task(self, task: TaskInfo) -> None:
-        super().begin_task(task)
-        self.training = False
-        self.slots.open(task.index)
-
-    def allocate(self) -> dict[str, Any]:
-        return {"slot": self.task.index, **self.slots.ranks(self.task.index)}
-
-    def begin_train(self) -> None:
-        self.slots.train_only(self.task.index)
-        self.training = True
 
     def observe(self, batch: Batch, phase: Phase) -> None:
         if phase == "aggregate":
@@ -80,13 +63,9 @@ class HiDe(ContinualMethod):
         self.anchors.merge(parts)
 
     def end_task(self) -> dict[str, Any]:
-        freeze(self.slots.all_params())
-        self.training = False
+        report = super().end_task()
         self.anchors.commit(self.task.index)
-        return {"slot": self.task.index, "experts": len(self.slots), "anchors": len(self.anchors)}
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self.slots.params(self.task.index) if self.training else []
+        return {**report, "anchors": len(self.anchors)}
 
     def route(self, batch: Batch, *, training: bool) -> None:
         for ctx in self.contexts.values():
@@ -113,22 +92,12 @@ class HiDe(ContinualMethod):
     def routed_task(self) -> Optional[torch.Tensor]:
         return self._choice
 
-    def params_added(self) -> int:
-        return 0 if self.task is None else self.slots.numel(self.task.index)
-
-    def ranks(self) -> dict[str, Any]:
-        return {} if self.task is None else self.slots.ranks(self.task.index)
-
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors, ranks = self.slots.state()
-        anchor_t, anchor_meta = self.anchors.state()
+        tensors, meta = super().state()
+        anchor_t, meta["anchors"] = self.anchors.state()
         tensors.update(anchor_t)
-        return tensors, {"method": self.name, "version": STATE_VERSION, "expert_ranks": ranks,
-                         "anchors": anchor_meta, "task": task_to_json(self.task)}
+        return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        check_meta(meta, self.name, STATE_VERSION)
-        self.slots.load_state(tensors, meta["expert_ranks"])
+        super().load_state(tensors, meta)
         self.anchors.load_state(tensors, meta["anchors"])
-        self.task = task_from_json(meta["task"])
-        self.training = False

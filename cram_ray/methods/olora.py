@@ -1,7 +1,9 @@
 """O-LoRA: orthogonal subspaces, one LoRA per task, all of them summed (docs/DESIGN.md §4; Wang et al. 2023).
 
-Task ``t`` opens a rank-``r`` slot; only it trains, every earlier slot is frozen and still part of
-the forward pass (weight 1 each, at training and at test time: there is no routing). The loss adds
+Task ``t`` opens a rank-``r`` slot; only it trains, every earlier slot is frozen. The training
+forward uses slot t alone, as the reference toolbox (``method.olora.train_sum: true``: every slot
+0..t at weight 1, as O-LoRA's own code); at test time every slot is summed at weight 1 (there is
+no routing). The loss adds
 
     L_orth = lambda * sum_layers sum_{i<t} sum_jk |(A_t A_i^T)_jk|
 
@@ -16,12 +18,9 @@ import torch
 from torch import nn
 
 from cram_ray.config import StreamConfig
-from cram_ray.data.records import TaskInfo
 from cram_ray.experts.adapter import RoutingContext
-from cram_ray.methods.base import Batch, ContinualMethod
-from cram_ray.methods.common import TaskSlots, check_meta, freeze, task_from_json, task_to_json
-
-STATE_VERSION = 1
+from cram_ray.methods.base import Batch
+from cram_ray.methods.common import SlotPerTask, one_hot
 
 
 def orthogonality_penalty(A_new: torch.Tensor, A_old: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -32,7 +31,7 @@ def orthogonality_penalty(A_new: torch.Tensor, A_old: Sequence[torch.Tensor]) ->
     return total
 
 
-class OLoRA(ContinualMethod):
+class OLoRA(SlotPerTask):
     """One slot per task; the new one trains under the orthogonality penalty; inference sums all."""
 
     name = "olora"
@@ -40,39 +39,21 @@ class OLoRA(ContinualMethod):
     def __init__(self, cfg: StreamConfig) -> None:
         super().__init__(cfg)
         self.lam = cfg.method.olora.lam
-        self.slots = TaskSlots(cfg.method.rank, cfg.train.seed)
+        self.train_sum = cfg.method.olora.train_sum
         self.context = RoutingContext()
-        self.training = False
 
     def attach(self, model: nn.Module) -> None:
         self.slots.attach(model, self.cfg.method.target_modules, context=self.context)
 
-    def begin_task(self, task: TaskInfo) -> None:
-        super().begin_task(task)
-        self.training = False
-        self.slots.open(task.index)
-
-    def allocate(self) -> dict[str, Any]:
-        return {"slot": self.task.index, **self.slots.ranks(self.task.index)}
-
-    def begin_train(self) -> None:
-        self.slots.train_only(self.task.index)
-        self.training = True
-
-    def end_task(self) -> dict[str, Any]:
-        freeze(self.slots.all_params())
-        self.training = False
-        return {"slot": self.task.index, "experts": len(self.slots)}
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self.slots.params(self.task.index) if self.training else []
-
     def route(self, batch: Batch, *, training: bool) -> None:
-        """Every slot at weight 1 (while training task t these are the slots 0..t)."""
+        """Every slot at weight 1, or while training (unless ``train_sum``) the task's slot alone."""
         self.context.clear()
         n = len(self.slots)
-        if n:
-            self.context.weights = torch.ones(batch["input_ids"].shape[0], n)
+        size = batch["input_ids"].shape[0]
+        if training and not self.train_sum:
+            self.context.weights = one_hot(torch.full((size,), self.task.index), n)
+        elif n:
+            self.context.weights = torch.ones(size, n)
 
     def penalty(self) -> torch.Tensor:
         """Unweighted L_orth of the current task's slot against every earlier slot, over all layers."""
@@ -88,20 +69,3 @@ class OLoRA(ContinualMethod):
 
     def routed_task(self) -> Optional[torch.Tensor]:
         return None  # no routing decision: every slot serves every sample
-
-    def params_added(self) -> int:
-        return 0 if self.task is None else self.slots.numel(self.task.index)
-
-    def ranks(self) -> dict[str, Any]:
-        return {} if self.task is None else self.slots.ranks(self.task.index)
-
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors, ranks = self.slots.state()
-        return tensors, {"method": self.name, "version": STATE_VERSION, "expert_ranks": ranks,
-                         "task": task_to_json(self.task)}
-
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        check_meta(meta, self.name, STATE_VERSION)
-        self.slots.load_state(tensors, meta["expert_ranks"])
-        self.task = task_from_json(meta["task"])
-        self.training = False

@@ -6,24 +6,28 @@ an :class:`~cram_ray.experts.adapter.ExpertLinear` (one rank-r slot per task) an
 router on the layer input: one row per expert; the router's logits are averaged over the
 sample's prompt tokens, so a sample gets one weight vector per layer.
 
-Training task t (only expert t and the router rows train):
+Training task t (as the reference, every expert 0..t and the router rows train; with
+``method.same.freeze_old`` only expert t and the router rows):
 
 * routing: ``softmax`` of the averaged logits over experts 0..t, minus the experts the adaptive
-  activation masks;
-* spectral-aware routing (from step ``method.same.start``, refreshed every ``method.same.every`` steps): a
-  randomized range finder (k = ``method.same.k``) on the centred router inputs of the step gives
-  directions V and singular values S; the directions up to ``method.same.energy`` of the variance are
-  kept; the router gradient's component along V is scaled per direction by
-  ``clamp((1 / S_avg) / mean(1 / S_avg), 0.8, 1.2)`` with S_avg the mean over the last
-  ``method.same.windows`` refreshes; the rest of the gradient is unchanged (:func:`project_router_grad`);
-* curvature-aware scaling (tasks >= 1): with U_k, S_k the principal subspace (``method.same.energy``) of
-  the covariance of the layer's inputs during the previous task, the new expert's A gradient is
+  activation masks; the experts' factors are mixed with cross terms, ``(sum_i w_i B_i)(sum_i w_i A_i) x``
+  (:func:`mixed_delta`);
+* sketch (from the task's first step, refreshed every ``method.same.every`` steps): a randomized range
+  finder (k = ``method.same.k``) on the centred router inputs of the step gives directions V and the
+  standard deviations S of the inputs along them;
+* spectral-aware routing (from step ``method.same.start``): the directions up to ``method.same.energy``
+  of ``sum S^2`` are kept; the router gradient's component along V is scaled per direction by
+  ``clamp(inv / max(inv), scale_min, scale_max)``, ``inv = 1 / (S_smooth + 1e-6)``, S_smooth the
+  mean of each singular value and the ``method.same.windows - 1`` before it; the rest of the
+  gradient is unchanged (:func:`spectral_factors`, :func:`project_router_grad`);
+* curvature-aware scaling (tasks >= 1): with U, S the previous task's last sketch (up to
+  ``method.same.energy``), every trained expert's A gradient is
   ``g <- U diag(1 / (S + mu)) U^T g + (1 / mu) (I - U U^T) g`` on the input dimension
   (:func:`curvature_transform`);
 * adaptive activation: per layer, util = EMA(0.95) of the mean routing probability and
   importance = EMA(0.95) of mean(pi * ||x||^2); experts with
-  ``minmax(util) - minmax(importance) < same_mask_threshold`` are masked from the next step on,
-  never the current task's (:func:`activation_mask`).
+  ``minmax(util) - minmax(importance) < method.same.mask_threshold`` are masked from the next step
+  on, never the current task's (:func:`activation_mask`).
 
 Inference: per layer ``softmax(logits / E) * prior``, top-2, renormalised, with the prior
 ``softmax(28 (0.2 cos_img + 0.8 cos_txt))`` over the committed tasks' mean features (anchors).
@@ -46,8 +50,7 @@ from cram_ray.methods.common import (
 )
 from cram_ray.methods.layers import replace_linears
 
-STATE_VERSION = 1
-COV_TOKENS = 512  # tokens per layer and step folded into the input covariance (evenly strided)
+STATE_VERSION = 2
 
 
 # -- the math, on plain tensors ---------------------------------------------------------------
@@ -81,26 +84,29 @@ def randomized_range_finder(X: torch.Tensor, k: int, *, oversample: int = 8, pow
     return V[:, :k], S[:k]
 
 
-def principal_subspace(cov: torch.Tensor, energy: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvectors U (d, r) and eigenvalues S (r,) of a covariance, descending, up to ``energy``."""
-    evals, evecs = torch.linalg.eigh(cov.to(torch.float64))
-    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-    r = energy_rank(evals, energy)
-    return evecs[:, :r], evals[:r]
+def sketch(X: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal directions V (d, k') of the rows of X (N, d) and the standard deviation S (k',) of the
+    centred rows along each, descending (the reference's scale: the curvature damping ``mu`` is
+    added to S, so S must be a standard deviation, not a singular value of X)."""
+    Xc = X.to(torch.float64) - X.to(torch.float64).mean(0)
+    V, sv = randomized_range_finder(Xc, k, generator=generator)
+    return V, sv / max(X.shape[0] - 1, 1) ** 0.5
 
 
-def spectral_factors(windows: Sequence[torch.Tensor], rank: int, lo: float, hi: float) -> torch.Tensor:
-    """Per-direction router-gradient factors ``clamp((1/S_avg) / mean(1/S_avg), lo, hi)``, (rank,).
+def spectral_factors(S: torch.Tensor, window: int, lo: float, hi: float) -> torch.Tensor:
+    """Per-direction router-gradient factors, (r,): ``clamp(inv / max(inv), lo, hi)`` with
+    ``inv[j] = 1 / (mean(S[max(0, j - window + 1) .. j]) + 1e-6)``.
 
-    ``S_avg[j]`` is the mean of the j-th singular value over the windows that have one.
+    S is descending, so ``inv`` grows with j and its max is the last entry: the factors lie in
+    ``[lo, 1]`` whatever ``hi`` is (the reference's ``[0.8, 1.2]`` acts as ``[0.8, 1.0]``).
     """
-    rows = torch.full((len(windows), rank), float("nan"), dtype=torch.float64)
-    for i, s in enumerate(windows):
-        m = min(rank, s.numel())
-        rows[i, :m] = s[:m].to(torch.float64)
-    s_avg = torch.nanmean(rows, dim=0).clamp_min(1e-12)
-    inv = 1.0 / s_avg
-    return (inv / inv.mean()).clamp(lo, hi)
+    S = S.to(torch.float64)
+    csum = torch.cat([S.new_zeros(1), torch.cumsum(S, 0)])
+    j = torch.arange(S.numel())
+    start = (j - window + 1).clamp_min(0)
+    smooth = (csum[j + 1] - csum[start]) / (j + 1 - start)
+    inv = 1.0 / (smooth + 1e-6)
+    return (inv / inv.max()).clamp(lo, hi)
 
 
 def project_router_grad(G: torch.Tensor, V: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -123,6 +129,21 @@ def curvature_transform(G: torch.Tensor, U: torch.Tensor, S: torch.Tensor, mu: f
     inside = (coef / (S.to(G.dtype) + mu)) @ U.T
     outside = (G - coef @ U.T) / mu
     return inside + outside
+
+
+def mixed_delta(x: torch.Tensor, weights: torch.Tensor, experts: Sequence[Any]) -> torch.Tensor:
+    """``(sum_i w_i B_i)(sum_i w_i A_i) x`` per sample, the reference's mixing (cross terms included).
+
+    Args:
+        x: (B, T, d_in) layer input.
+        weights: (B, n) routing weights of experts 0..n-1.
+        experts: n :class:`~cram_ray.experts.adapter.LowRank` of one rank r.
+    """
+    w = weights.to(x.dtype)
+    A = torch.stack([e.A for e in experts])  # (n, r, d_in)
+    B = torch.stack([e.B for e in experts])  # (n, d_out, r)
+    h = torch.einsum("btd,nrd,bn->btr", x, A, w)  # (B, T, r)
+    return torch.einsum("btr,nor,bn->bto", h, B, w)  # (B, T, d_out)
 
 
 def minmax(v: torch.Tensor) -> torch.Tensor:
@@ -215,8 +236,11 @@ class SameLinear(nn.Module):
                 self.weights = inference_weights(logits, r.prior, r.top_k)
             self.last_input = x.detach()
             self._version = r.version
-        self.inner.context.weights = self.weights
-        return self.inner(x)
+        self.inner.context.weights = None
+        out = self.inner(x)
+        experts = [self.inner.slot(s) for s in range(r.n_experts)]
+        delta = mixed_delta(x.to(experts[0].A.dtype), self.weights, experts) * self.inner.scale
+        return out + delta.to(out.dtype)
 
 
 # -- the method -------------------------------------------------------------------------------
@@ -257,34 +281,15 @@ def _token_masks(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class LayerStats:
-    """One layer's statistics of the task in training: input covariance sums, utility/importance EMAs,
-    and the router's spectral subspace."""
+    """One layer's statistics of the task in training: utility/importance EMAs and the last sketch
+    of the router's inputs (directions, standard deviations, router-gradient factors)."""
 
     def __init__(self) -> None:
-        self.n = 0
-        self.sum: Optional[torch.Tensor] = None  # (d,)
-        self.sxx: Optional[torch.Tensor] = None  # (d, d)
         self.util: Optional[torch.Tensor] = None  # (E,)
         self.imp: Optional[torch.Tensor] = None  # (E,)
-        self.windows: list[torch.Tensor] = []  # singular values of the last refreshes
-        self.V: Optional[torch.Tensor] = None  # (d, r) router-input subspace
-        self.factors: Optional[torch.Tensor] = None  # (r,)
-
-    def add_inputs(self, x: torch.Tensor) -> None:
-        x = x.detach().to(torch.float32)
-        if x.shape[0] > COV_TOKENS:
-            x = x[torch.linspace(0, x.shape[0] - 1, COV_TOKENS).round().long()]
-        s = x.sum(0).to(torch.float64)
-        self.sum = s if self.sum is None else self.sum + s
-        xx = x.T @ x  # (d, d), float32: it is saved with the train stage's state
-        self.sxx = xx if self.sxx is None else self.sxx + xx
-        self.n += x.shape[0]
-
-    def covariance(self) -> Optional[torch.Tensor]:
-        if self.n < 2:
-            return None
-        mean = self.sum / self.n
-        return self.sxx.to(torch.float64) / self.n - torch.outer(mean, mean)
+        self.V: Optional[torch.Tensor] = None  # (d, k) sketch directions
+        self.S: Optional[torch.Tensor] = None  # (k,) standard deviations along them
+        self.factors: Optional[torch.Tensor] = None  # (r,) router-gradient factors, r <= k
 
     def update_ema(self, util: torch.Tensor, imp: torch.Tensor, decay: float) -> None:
         if self.util is None or self.util.shape != util.shape:
@@ -293,22 +298,17 @@ class LayerStats:
             self.util = decay * self.util + (1 - decay) * util
             self.imp = decay * self.imp + (1 - decay) * imp
 
-    _TENSORS = ("sum", "sxx", "util", "imp", "V", "factors")
+    _TENSORS = ("util", "imp", "V", "S", "factors")
 
-    def state(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {f"{prefix}.{k}": getattr(self, k).clone() for k in self._TENSORS if getattr(self, k) is not None}
-        for i, w in enumerate(self.windows):
-            tensors[f"{prefix}.window{i}"] = w.clone()
-        return tensors, {"n": self.n, "windows": len(self.windows)}
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{k}": getattr(self, k).clone() for k in self._TENSORS if getattr(self, k) is not None}
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str) -> "LayerStats":
+    def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str) -> "LayerStats":
         out = cls()
-        out.n = int(meta["n"])
         for k in cls._TENSORS:
             if f"{prefix}.{k}" in tensors:
                 setattr(out, k, tensors[f"{prefix}.{k}"].clone())
-        out.windows = [tensors[f"{prefix}.window{i}"].clone() for i in range(int(meta["windows"]))]
         return out
 
 
@@ -328,7 +328,6 @@ class Same(ContinualMethod):
         self.stats: dict[str, LayerStats] = {}
         self.curvature: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> previous task's (U, S)
         self.training = False
-        self._valid: Optional[torch.Tensor] = None  # (B, T) real tokens of the last training batch
         self._gen = torch.Generator().manual_seed(cfg.train.seed)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -354,9 +353,15 @@ class Same(ContinualMethod):
     def allocate(self) -> dict[str, Any]:
         return {"slot": self.task.index, **self.slots.ranks(self.task.index)}
 
+    def _expert_params(self) -> list[nn.Parameter]:
+        """The experts the current task trains: all so far (the reference), or its own (freeze_old)."""
+        if self.hp.freeze_old:
+            return self.slots.params(self.task.index)
+        return [p for t in range(self.task.index + 1) for p in self.slots.params(t)]
+
     def begin_train(self) -> None:
-        self.slots.train_only(self.task.index)
-        for p in self._router_params():
+        freeze(self.slots.all_params())
+        for p in self._expert_params() + self._router_params():
             p.requires_grad_(True)
         self.training = True
 
@@ -377,11 +382,10 @@ class Same(ContinualMethod):
         self.anchors.commit(self.task.index)
         ranks = {}
         for name, st in self.stats.items():
-            cov = st.covariance()
-            if cov is not None:
-                U, S = principal_subspace(cov, self.hp.energy)
-                self.curvature[name] = (U.to(torch.float32), S.to(torch.float32))
-                ranks[name] = U.shape[1]
+            if st.V is not None:
+                r = energy_rank(st.S.pow(2), self.hp.energy)
+                self.curvature[name] = (st.V[:, :r].to(torch.float32), st.S[:r].to(torch.float32))
+                ranks[name] = r
         masked = {n: int(l.mask.sum()) for n, l in self.layers.items() if l.mask is not None}
         self.stats = {name: LayerStats() for name in self.layers}
         for layer in self.layers.values():
@@ -397,7 +401,7 @@ class Same(ContinualMethod):
     def trainable_parameters(self) -> list[nn.Parameter]:
         if not self.training:
             return []
-        return self.slots.params(self.task.index) + self._router_params()
+        return self._expert_params() + self._router_params()
 
     def route(self, batch: Batch, *, training: bool) -> None:
         r = self.routing
@@ -406,7 +410,7 @@ class Same(ContinualMethod):
         if training:
             if not self.training:
                 raise RuntimeError("Same.route(training=True): call begin_train first")
-            r.token_mask, self._valid = _token_masks(batch)
+            r.token_mask, _ = _token_masks(batch)
             r.active, r.training, r.n_experts = True, True, self.task.index + 1
             return
         n = len(self.anchors)
@@ -417,15 +421,14 @@ class Same(ContinualMethod):
             r.prior = torch.softmax(self.hp.prior_temperature * sim, dim=-1).to(torch.float32)
 
     def before_optimizer_step(self, step: int) -> None:
-        """Statistics, adaptive mask, spectral router projection and curvature scaling (see the module
-        docstring). Under data parallelism the gradients are already averaged; the masks' statistics
-        are averaged over ranks and the router subspace is rank 0's, so every rank edits alike. The
-        input covariance is each rank's own (the saved state is rank 0's)."""
+        """Statistics, adaptive mask, sketch, spectral router projection and curvature scaling (see the
+        module docstring). Under data parallelism the gradients are already averaged; the masks'
+        statistics are averaged over ranks and the sketch is rank 0's, so every rank edits alike."""
         if not self.training:
             return
         hp = self.hp
-        refresh = step >= hp.start and (step - hp.start) % hp.every == 0
         mask = self.routing.token_mask  # (B, T) prompt-token averaging weights
+        trained = range(self.task.index + 1) if not hp.freeze_old else [self.task.index]
         for name, layer in self.layers.items():
             st = self.stats[name]
             x, pi = layer.last_input, layer.weights
@@ -436,24 +439,23 @@ class Same(ContinualMethod):
             util, imp = _mean_over_ranks(torch.stack([pi.mean(0), (pi * xsq[:, None]).mean(0)]))
             st.update_ema(util, imp, hp.ema)
             layer.mask = activation_mask(st.util, st.imp, hp.mask_threshold, self.task.index)
-            st.add_inputs(x[self._valid])
-            if refresh:
-                tokens = x[mask > 0].to(torch.float64)  # (N, d) the router's inputs
-                V, S = _from_rank0(*randomized_range_finder(tokens - tokens.mean(0), hp.k, generator=self._gen))
-                r = energy_rank(S.pow(2), hp.energy)
-                st.windows = (st.windows + [S])[-hp.windows:]
-                st.V, st.factors = V[:, :r], spectral_factors(st.windows, r, hp.scale_min, hp.scale_max)
-            if st.V is not None and step >= hp.start:
+            if st.V is None or step % hp.every == 0:
+                st.V, st.S = _from_rank0(*sketch(x[mask > 0], hp.k, generator=self._gen))
+                r = energy_rank(st.S.pow(2), hp.energy)
+                st.factors = spectral_factors(st.S[:r], hp.windows, hp.scale_min, hp.scale_max)
+            if step >= hp.start:
+                V = st.V[:, :st.factors.numel()]
                 rows = [layer.router[str(s)] for s in range(self.task.index + 1)]
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in rows]
-                new = project_router_grad(torch.stack(grads).to(torch.float64), st.V, st.factors)
+                new = project_router_grad(torch.stack(grads).to(torch.float64), V, st.factors)
                 for p, g in zip(rows, new):
                     p.grad = g.to(p.dtype)
             if name in self.curvature:
-                A = layer.inner.slot(self.task.index).A
-                if A.grad is not None:
-                    U, S = self.curvature[name]
-                    A.grad = curvature_transform(A.grad.to(torch.float64), U, S, hp.mu).to(A.dtype)
+                U, S = self.curvature[name]
+                for t in trained:
+                    A = layer.inner.slot(t).A
+                    if A.grad is not None:
+                        A.grad = curvature_transform(A.grad.to(torch.float64), U, S, hp.mu).to(A.dtype)
 
     # -- reporting ---------------------------------------------------------------------------
     def routed_task(self) -> Optional[torch.Tensor]:
@@ -487,17 +489,14 @@ class Same(ContinualMethod):
         for name, (U, S) in self.curvature.items():
             tensors[f"curvature.{name}.U"] = U.clone()
             tensors[f"curvature.{name}.S"] = S.clone()
-        stats_meta = {}
         for name, st in self.stats.items():
-            t, m = st.state(f"stats.{name}")
-            tensors.update(t)
-            stats_meta[name] = m
+            tensors.update(st.state(f"stats.{name}"))
         anchor_t, anchor_meta = self.anchors.state()
         tensors.update(anchor_t)
         meta = {
             "method": self.name, "version": STATE_VERSION, "expert_ranks": expert_ranks,
             "router_rows": {name: len(layer.router) for name, layer in self.layers.items()},
-            "curvature": sorted(self.curvature), "stats": stats_meta, "anchors": anchor_meta,
+            "curvature": sorted(self.curvature), "anchors": anchor_meta,
             "task": task_to_json(self.task),
         }
         tensors["generator"] = self._gen.get_state()
@@ -513,7 +512,7 @@ class Same(ContinualMethod):
             layer.mask = tensors[f"mask.{name}"].clone() if f"mask.{name}" in tensors else None
         self.curvature = {name: (tensors[f"curvature.{name}.U"].clone(), tensors[f"curvature.{name}.S"].clone())
                           for name in meta["curvature"]}
-        self.stats = {name: LayerStats.from_state(tensors, meta["stats"][name], f"stats.{name}") for name in self.layers}
+        self.stats = {name: LayerStats.from_state(tensors, f"stats.{name}") for name in self.layers}
         self.anchors.load_state(tensors, meta["anchors"])
         self.task = task_from_json(meta["task"])
         self._gen.set_state(tensors["generator"].clone())

@@ -64,6 +64,14 @@ def make_batch(task, g, size=4, noise=0.3):
     }
 
 
+def mixed_batch(truth, g, noise=0.1):
+    """A batch whose sample b has the routing features of task ``truth[b]``."""
+    batch = make_batch(0, g, size=len(truth))
+    batch["img_feat"] = IMG_CENTRES[truth] + noise * torch.randn(len(truth), D_IMG, generator=g)
+    batch["txt_feat"] = TXT_CENTRES[truth] + noise * torch.randn(len(truth), D_TXT, generator=g)
+    return batch
+
+
 def model_inputs(batch):
     return {k: batch[k] for k in MODEL_KEYS if k in batch}
 

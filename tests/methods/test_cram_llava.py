@@ -11,14 +11,6 @@ transformers = pytest.importorskip("transformers")
 IMG, VOCAB, N_IMG = 63, 64, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops are latency-bound: one thread avoids OpenMP contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _llava():
     vc = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,

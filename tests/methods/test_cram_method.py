@@ -60,14 +60,6 @@ TXT = torch.eye(D_TXT) * 4.0  # distinct instructions per "text id"
 CENTROIDS = torch.tensor([[4.0, 0, 0, 0, 0], [0, 4.0, 0, 0, 0], [0, 0, 4.0, 0, 0]])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops are latency-bound: one thread avoids OpenMP contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_batch(task, text_id, g, size=8, has_image=True):
     """Task ``task``: image features around its centroid, answer token 20 + task."""

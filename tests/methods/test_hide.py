@@ -3,21 +3,14 @@ import pytest
 import torch
 
 from baselines_util import (
-    D_IMG, D_TXT, IMG_CENTRES, TXT_CENTRES, assert_same_state, fresh, grads_only_on, logits_of, make_batch, make_cfg,
-    model_inputs, roundtrip, run_task, snapshot,
+    assert_same_state, fresh, grads_only_on, logits_of, make_batch, make_cfg, mixed_batch, model_inputs,
+    roundtrip, run_task, snapshot,
 )
 from cram_ray.data.records import TaskInfo
 from cram_ray.methods import make_method
 from cram_ray.methods.common import TaskAnchors
 from cram_ray.methods.hide import HiDe
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _anchors(img, txt):
@@ -50,10 +43,8 @@ def test_inference_picks_the_argmax_anchor_for_the_last_block_only():
     g = torch.Generator().manual_seed(0)
     for t in range(3):
         run_task(model, m, t, g)
-    batch = make_batch(0, g, size=6)
     truth = torch.tensor([2, 0, 1, 1, 0, 2])
-    batch["img_feat"] = IMG_CENTRES[truth] + 0.1 * torch.randn(6, D_IMG, generator=g)
-    batch["txt_feat"] = TXT_CENTRES[truth] + 0.1 * torch.randn(6, D_TXT, generator=g)
+    batch = mixed_batch(truth, g)
     m.route(batch, training=False)
     expected = m.anchors.scores(batch, 0.5).argmax(-1)
     assert torch.equal(m.routed_task(), expected) and torch.equal(expected, truth)

@@ -1,5 +1,4 @@
 """MoELoRA: a per-token gate mixing the factors of E experts, all trainable and shared by the stream."""
-import pytest
 import torch
 from torch import nn
 
@@ -10,13 +9,6 @@ from cram_ray.methods import make_method
 from cram_ray.methods.layers import MoELoRALinear
 from cram_ray.methods.moelora import MoELoRA
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_gate_is_per_token_and_the_layer_matches_the_formula():

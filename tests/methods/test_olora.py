@@ -1,5 +1,4 @@
 """O-LoRA: the orthogonality penalty on known matrices, its gradient, frozen old slots, summed inference."""
-import pytest
 import torch
 
 from baselines_util import (
@@ -10,13 +9,6 @@ from cram_ray.data.records import TaskInfo
 from cram_ray.methods import make_method
 from cram_ray.methods.olora import OLoRA, orthogonality_penalty
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_penalty_equals_the_hand_computed_sum():
@@ -65,6 +57,17 @@ def test_no_penalty_on_the_first_task_and_inference_sums_every_slot():
     m.route(make_batch(0, g, size=3), training=False)
     assert m.context.weights.tolist() == [[1.0, 1.0]] * 3
     assert m.routed_task() is None
+
+
+def test_training_forward_uses_the_task_slot_alone_or_every_slot_with_train_sum():
+    for train_sum, expected in ((False, [[0.0, 1.0]] * 3), (True, [[1.0, 1.0]] * 3)):
+        model, m = fresh(make_cfg("olora", train_sum=train_sum))
+        g = torch.Generator().manual_seed(3)
+        run_task(model, m, 0, g)
+        m.begin_task(TaskInfo(1, "t1", "exact"))
+        m.begin_train()
+        m.route(make_batch(1, g, size=3), training=True)
+        assert m.context.weights.tolist() == expected
 
 
 def test_old_slots_bit_identical_after_a_new_task():

@@ -1,5 +1,4 @@
 """Oracle: the true task id picks the expert at training and test time; old experts never move."""
-import pytest
 import torch
 
 from baselines_util import (
@@ -10,13 +9,6 @@ from cram_ray.data.records import TaskInfo
 from cram_ray.methods import make_method
 from cram_ray.methods.oracle import Oracle
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_registered_and_one_slot_of_lora_rank_per_task():

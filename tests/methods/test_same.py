@@ -1,25 +1,17 @@
 """SAME: the math pieces on known matrices, then the method's routing, surgery and state."""
-import pytest
 import torch
 
 from baselines_util import (
-    D_IMG, D_TXT, IMG_CENTRES, TXT_CENTRES, assert_same_state, fresh, grads_only_on, logits_of, make_batch, make_cfg,
-    model_inputs, roundtrip, run_task, snapshot, train_steps,
+    assert_same_state, fresh, grads_only_on, logits_of, make_batch, make_cfg, mixed_batch, model_inputs,
+    roundtrip, run_task, snapshot, train_steps,
 )
 from cram_ray.data.records import TaskInfo
 from cram_ray.methods import make_method
 from cram_ray.methods.same import (
-    Same, activation_mask, curvature_transform, energy_rank, inference_weights, minmax, principal_subspace,
-    project_router_grad, randomized_range_finder, spectral_factors, training_weights,
+    Same, activation_mask, curvature_transform, energy_rank, inference_weights, minmax, mixed_delta,
+    project_router_grad, randomized_range_finder, sketch, spectral_factors, training_weights,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _orthonormal(d, k, seed):
@@ -35,22 +27,25 @@ def test_energy_rank_keeps_directions_up_to_the_energy():
     assert energy_rank(torch.zeros(3), 0.9) == 1
 
 
-def test_curvature_scaling_equals_the_formula_on_a_known_covariance():
-    d, mu = 6, 0.9
+def test_curvature_scaling_uses_the_sketch_std_and_equals_the_formula():
+    n, d, mu = 400, 6, 0.9
     Q = _orthonormal(d, d, 0)
-    evals = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.3, 0.2], dtype=torch.float64)  # total 8
-    cov = Q @ torch.diag(evals) @ Q.T
-    U, S = principal_subspace(cov, 0.9)  # 4 / 8, 6 / 8, 7 / 8 < 0.9, 7.5 / 8 >= 0.9 -> rank 4
-    assert U.shape == (d, 4)
-    torch.testing.assert_close(S, evals[:4])
-    torch.testing.assert_close((U.T @ Q[:, :4]).abs(), torch.eye(4, dtype=torch.float64))  # same directions
+    std = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.3, 0.2], dtype=torch.float64)
+    Z = torch.randn(n, d, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    Z = Z - Z.mean(0)
+    Z = Z @ torch.linalg.inv(torch.linalg.cholesky(Z.T @ Z / (n - 1))).T  # sample covariance exactly I
+    X = 3.0 + Z @ torch.diag(std) @ Q.T  # std[j] along Q[:, j], offset removed by the centring
+    V, S = sketch(X, 64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(S, std)  # a standard deviation, not a singular value of X
+    torch.testing.assert_close((V.T @ Q).abs(), torch.eye(d, dtype=torch.float64))
+    r = energy_rank(S.pow(2), 0.9)  # energies 16, 4, 1, ...: 16 / 21.38 < 0.9, 20 / 21.38 >= 0.9 -> 2
+    assert r == 2
+    U, S = V[:, :r], S[:r]
     G = torch.randn(3, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)  # A gradient (r, d_in)
-    Uk = Q[:, :4]
-    M = Uk @ torch.diag(1.0 / (evals[:4] + mu)) @ Uk.T + (torch.eye(d, dtype=torch.float64) - Uk @ Uk.T) / mu
+    Uk = Q[:, :2]
+    M = Uk @ torch.diag(1.0 / (std[:2] + mu)) @ Uk.T + (torch.eye(d, dtype=torch.float64) - Uk @ Uk.T) / mu
     torch.testing.assert_close(curvature_transform(G, U, S, mu), G @ M)
-    # row by row it is docs/DESIGN.md's g <- U diag(1/(S+mu)) U^T g + (1/mu)(I - U U^T) g
-    g = G[0]
-    torch.testing.assert_close(curvature_transform(G, U, S, mu)[0], M @ g)
+    torch.testing.assert_close(curvature_transform(G, U, S, mu)[0], M @ G[0])  # row by row: M g
 
 
 def test_range_finder_recovers_a_known_spectrum_and_directions():
@@ -81,13 +76,31 @@ def test_router_gradient_projection_scales_inside_and_keeps_outside():
     torch.testing.assert_close(project_router_grad(G, V, torch.ones(3, dtype=torch.float64)), G)
 
 
-def test_spectral_factors_normalise_the_inverse_average_and_clamp():
-    windows = [torch.tensor([4.0, 2.0, 1.0]), torch.tensor([2.0, 2.0, 1.0]), torch.tensor([3.0, 2.0])]
-    # S_avg = (3, 2, 1); 1/S_avg = (1/3, 1/2, 1), mean 11/18 -> (6/11, 9/11, 18/11) -> clamp to [0.8, 1.2]
-    f = spectral_factors(windows, 3, 0.8, 1.2)
-    torch.testing.assert_close(f, torch.tensor([0.8, 9 / 11, 1.2], dtype=torch.float64))
-    f = spectral_factors(windows, 3, 0.0, 10.0)
-    torch.testing.assert_close(f, torch.tensor([6 / 11, 9 / 11, 18 / 11], dtype=torch.float64))
+def test_spectral_factors_smooth_adjacent_values_and_normalise_by_the_max():
+    S = torch.tensor([8.0, 4.0, 2.0, 1.0, 1.0])
+    # window 2: smooth = (8, 6, 3, 1.5, 1); inv / max(inv) = (1/8, 1/6, 1/3, 2/3, 1)
+    f = spectral_factors(S, 2, 0.0, 10.0)
+    torch.testing.assert_close(f, torch.tensor([1 / 8, 1 / 6, 1 / 3, 2 / 3, 1.0], dtype=torch.float64), rtol=1e-5, atol=0)
+    f = spectral_factors(S, 2, 0.8, 1.2)
+    assert f.tolist()[:3] == [0.8, 0.8, 0.8] and float(f.max()) <= 1.0 and f[-1] == 1.0  # [0.8, 1.2] acts as [0.8, 1]
+    # window 3: smooth = (8, 6, 14/3, 7/3, 4/3)
+    smooth = torch.tensor([8.0, 6.0, 14 / 3, 7 / 3, 4 / 3], dtype=torch.float64)
+    inv = 1 / (smooth + 1e-6)
+    torch.testing.assert_close(spectral_factors(S, 3, 0.0, 10.0), inv / inv.max())
+
+
+def test_mixing_has_the_cross_terms():
+    from cram_ray.experts.adapter import LowRank
+    g = torch.Generator().manual_seed(8)
+    experts = [LowRank(torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g)) for _ in range(3)]
+    x = torch.randn(2, 3, 5, generator=g)
+    w = torch.tensor([[0.5, 0.3, 0.2], [0.0, 1.0, 0.0]])
+    for b in range(2):
+        A = sum(w[b, i] * experts[i].A for i in range(3))
+        B = sum(w[b, i] * experts[i].B for i in range(3))
+        torch.testing.assert_close(mixed_delta(x, w, experts)[b], x[b] @ A.T @ B.T)
+    # one-hot weights: exactly that expert's own update
+    torch.testing.assert_close(mixed_delta(x, w, experts)[1], experts[1].delta(x[1]))
 
 
 def test_activation_mask_is_exactly_the_low_scores_and_never_the_current_expert():
@@ -134,7 +147,8 @@ def test_ffn_targets_and_training_routes_softly_over_the_tasks_so_far():
         assert layer.weights.shape == (4, 2)
         torch.testing.assert_close(layer.weights.sum(-1), torch.ones(4))
     trainable = {id(p) for p in m.trainable_parameters()}
-    assert trainable == {id(p) for p in m.slots.params(1)} | {id(p) for l in m.layers.values() for p in l.router.values()}
+    routers = {id(p) for l in m.layers.values() for p in l.router.values()}
+    assert trainable == {id(p) for t in (0, 1) for p in m.slots.params(t)} | routers
     assert not grads_only_on(model, trainable)
 
 
@@ -169,18 +183,21 @@ def test_surgery_curvature_on_expert_A_and_spectral_projection_on_the_router():
     batch = make_batch(1, g)
     m.route(batch, training=True)
     model(**model_inputs(batch)).loss.backward()
-    raw_A = {n: l.inner.slot(1).A.grad.clone() for n, l in m.layers.items()}
+    raw_A = {n: [l.inner.slot(t).A.grad.clone() for t in (0, 1)] for n, l in m.layers.items()}
     raw_router = {n: torch.stack([l.router["0"].grad, l.router["1"].grad]).clone() for n, l in m.layers.items()}
     m.before_optimizer_step(0)
     for name, layer in m.layers.items():
         U, S = m.curvature[name]
-        expected = curvature_transform(raw_A[name].double(), U, S, 0.9).float()
-        torch.testing.assert_close(layer.inner.slot(1).A.grad, expected)
+        for t in (0, 1):  # every trained expert, the old one included
+            expected = curvature_transform(raw_A[name][t].double(), U, S, 0.9).float()
+            torch.testing.assert_close(layer.inner.slot(t).A.grad, expected)
         st = m.stats[name]
-        assert st.V is not None and st.V.shape[1] == st.factors.shape[0] and len(st.windows) == 1
-        assert ((st.factors >= 0.8) & (st.factors <= 1.2)).all()
+        r = st.factors.shape[0]
+        assert st.V is not None and st.S.shape[0] == st.V.shape[1] >= r
+        assert ((st.factors >= 0.8) & (st.factors <= 1.0)).all() and st.factors[-1] == 1.0
         new = torch.stack([layer.router["0"].grad, layer.router["1"].grad])
-        torch.testing.assert_close(new, project_router_grad(raw_router[name].double(), st.V, st.factors).float())
+        expected = project_router_grad(raw_router[name].double(), st.V[:, :r], st.factors).float()
+        torch.testing.assert_close(new, expected)
         # the adaptive mask now follows the statistics of this step, and spares the current expert
         assert layer.mask.tolist() == activation_mask(st.util, st.imp, 0.1, 1).tolist()
         assert not layer.mask[1]
@@ -198,7 +215,7 @@ def test_no_curvature_scaling_on_the_first_task_and_before_the_spectral_start():
     m.before_optimizer_step(3)
     for n, l in m.layers.items():
         assert torch.equal(l.inner.slot(0).A.grad, raw[n])
-        assert m.stats[n].V is None
+        assert m.stats[n].V is not None  # the first step sketches; the projection waits for the start
 
 
 def test_masked_experts_get_no_routing_weight():
@@ -216,14 +233,15 @@ def test_masked_experts_get_no_routing_weight():
         assert (layer.weights[:, 0] == 0).all() and (layer.weights[:, 1:] > 0).all()
 
 
-def test_old_experts_bit_identical_after_a_new_task():
-    model, m = fresh(make_cfg("same", start=1, every=2))
-    g = torch.Generator().manual_seed(5)
-    run_task(model, m, 0, g)
-    old = snapshot(m.slots.params(0))
-    run_task(model, m, 1, g, steps=4)
-    for a, b in zip(old, m.slots.params(0)):
-        assert torch.equal(a, b)
+def test_old_experts_move_on_a_new_task_and_stay_bit_identical_with_freeze_old():
+    for freeze_old in (False, True):
+        model, m = fresh(make_cfg("same", start=1, every=2, freeze_old=freeze_old))
+        g = torch.Generator().manual_seed(5)
+        run_task(model, m, 0, g)
+        old = snapshot(m.slots.params(0))
+        run_task(model, m, 1, g, steps=4)
+        same = [torch.equal(a, b) for a, b in zip(old, m.slots.params(0))]
+        assert all(same) if freeze_old else not any(same)
 
 
 def test_inference_prior_top2_and_routed_task():
@@ -231,10 +249,8 @@ def test_inference_prior_top2_and_routed_task():
     g = torch.Generator().manual_seed(6)
     for t in range(3):
         run_task(model, m, t, g)
-    batch = make_batch(0, g, size=6)
     truth = torch.tensor([2, 0, 1, 1, 0, 2])
-    batch["img_feat"] = IMG_CENTRES[truth] + 0.1 * torch.randn(6, D_IMG, generator=g)
-    batch["txt_feat"] = TXT_CENTRES[truth] + 0.1 * torch.randn(6, D_TXT, generator=g)
+    batch = mixed_batch(truth, g)
     del batch["labels"]  # an evaluation prompt
     logits_of(model, m, batch)
     prior = torch.softmax(28 * m.anchors.scores(batch, 0.2), -1).float()
@@ -255,7 +271,7 @@ def test_state_round_trips_exactly_mid_task_and_after(tmp_path):
     run_task(model, m, 0, g)
     m.begin_task(TaskInfo(1, "t1", "exact"))
     m.begin_train()
-    train_steps(model, m, [make_batch(1, g) for _ in range(3)])  # statistics, windows and masks in flight
+    train_steps(model, m, [make_batch(1, g) for _ in range(3)])  # statistics, sketches and masks in flight
     model2, m2 = roundtrip(m, cfg, tmp_path / "mid")
     assert_same_state(m, m2)
     with torch.no_grad():
