@@ -110,7 +110,8 @@ import json, sys
 import ray
 from ray.util.state import list_actors
 ray.init(address=sys.argv[1], log_to_driver=False)
-actors = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+actors = [a.class_name for a in list_actors(address=sys.argv[2], filters=[("state", "=", "ALIVE")],
+                                           raise_on_missing_output=False)
           if "Train" in a.class_name or a.class_name == "PlacementGroupCleaner"]
 groups = [g["state"] for g in ray.util.placement_group_table().values()]
 print(json.dumps({"actors": actors, "groups": groups}))
@@ -118,7 +119,8 @@ print(json.dumps({"actors": actors, "groups": groups}))
 
 
 def leftovers(head, tmp_path) -> dict:
-    result = subprocess.run([sys.executable, "-c", LEFT, head.address], cwd="/", env=driver_env(tmp_path),
+    # the state API is asked at the head's dashboard: "auto" would find any other cluster on the machine
+    result = subprocess.run([sys.executable, "-c", LEFT, head.address, head.dashboard_url], cwd="/", env=driver_env(tmp_path),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
