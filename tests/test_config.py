@@ -65,7 +65,7 @@ def test_cross_field_check_on_image_size():
         load_config(None, ["model.image_size=32"])
 
 
-@pytest.mark.parametrize("value, expected", [("2", 2), ("[1, 2]", (1, 2)), ("[3, 3]", 3)])
+@pytest.mark.parametrize("value, expected", [("2", 2), ("[1, 2]", (1, 2)), ("[4, 4]", 4)])
 def test_num_workers_is_a_count_or_an_elastic_range(value, expected):
     train = load_config(None, [f"train.num_workers={value}"]).train
     assert train.workers == expected

@@ -120,7 +120,7 @@ def test_launcher_ships_the_repository_not_weights(path):
     assert ".gitignore" in config.get("rsync_filter", [])
     assert {"checkpoints", "runs", ".venv", "*.safetensors"} <= set(config.get("rsync_exclude", []))
     setup = "\n".join(config.get("setup_commands", []))
-    assert f"-e {repo[0]}" in setup, "the synced repository is not installed"
+    assert f"-e '{repo[0]}[all]'" in setup, "the synced repository is not installed with its extras"
     assert f"=={ray.__version__}" in setup, "pip could replace the image's Ray"
     fetch = "\n".join(config.get("worker_setup_commands", []))
     assert re.search(r"(s3|gs)://\S+/models/", fetch), "workers do not fetch the weights from object storage"

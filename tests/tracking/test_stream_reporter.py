@@ -12,12 +12,13 @@ import pytest
 from cram_ray.config import StreamConfig
 from cram_ray.pipeline.context import TaskMeta
 from cram_ray.pipeline.ledger import STAGES, StageResult, Storage
+from cram_ray.pipeline.outputs import tracking_place
 from cram_ray.pipeline.track import StreamReporter, rank_table
 from cram_ray.tracking import provenance
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
-TASKS = [TaskMeta("choice", "exact", 8, 4), TaskMeta("ocr", "exact", 8, 4)]
+TASKS = [TaskMeta("choice", "exact", 8, 4, "datasets/d"), TaskMeta("ocr", "exact", 8, 4, "datasets/d")]
 LAYERS = [f"model.language_model.layers.{b}.self_attn.{m}" for b in range(32) for m in ("q_proj", "v_proj")]
 
 
@@ -37,7 +38,7 @@ def results(t):
 def logged(tmp_path_factory):
     out = tmp_path_factory.mktemp("stream")
     cfg = StreamConfig().replace(**{"storage": str(out)})
-    reporter = StreamReporter(cfg, out, "run-a", None)
+    reporter = StreamReporter(cfg, tracking_place(cfg, Storage(str(out))), "run-a", None)
     rows = []
     for t in range(2):
         res = results(t)
@@ -48,7 +49,7 @@ def logged(tmp_path_factory):
     summary = {"tasks": [t.name for t in TASKS], "mft": 70.0, "mfn": 70.0, "maa": 75.0, "bwt": -20.0,
                "params_added_total": 300, "ranks": [results(t)["aggregate"].metrics["ranks"] for t in range(2)]}
     (out / "summary.json").write_text(json.dumps(summary))
-    reporter.finish(summary, out, Storage(str(out)), "run-a")
+    reporter.finish(summary, out, Storage(str(out)), "run-a", out / "scratch")
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=reporter.tracker.uri)
