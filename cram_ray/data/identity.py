@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from cram_ray.data.manifest import SPLITS, Benchmark
+from cram_ray.pipeline.ledger import sha256_file
 
 # bump whenever the prepared shards of the same files change (schema, image handling)
 FORMAT_VERSION = 2
@@ -60,14 +61,6 @@ def _named_files(bench: Benchmark) -> dict[str, Path]:
     return named
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def identify(bench: Benchmark, index_dir: Optional[Path]) -> Identity:
     """The benchmark's :class:`Identity`; ``index_dir`` holds the size/mtime index (None: hash all)."""
     index_path = None
@@ -86,7 +79,7 @@ def identify(bench: Benchmark, index_dir: Optional[Path]) -> Identity:
         if known is not None and known[:2] == [st.st_size, st.st_mtime_ns]:
             digest = known[2]
         else:
-            digest = _sha256(path)
+            digest = sha256_file(path)
         files[name] = digest
         paths[name] = str(path)
         fresh[str(path)] = [st.st_size, st.st_mtime_ns, digest]

@@ -35,8 +35,8 @@ def test_the_index_rehashes_only_changed_files(bench, tmp_path, monkeypatch):
     bench_data = load_benchmark(bench.write())
     index = tmp_path / "index"
     hashed: list[str] = []
-    real = identity_mod._sha256
-    monkeypatch.setattr(identity_mod, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    real = identity_mod.sha256_file
+    monkeypatch.setattr(identity_mod, "sha256_file", lambda p: hashed.append(p.name) or real(p))
     first = identify(bench_data, index)
     assert len(hashed) == 1 + 4 + 3  # manifest, four JSON files, three images
     hashed.clear()
