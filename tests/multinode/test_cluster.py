@@ -35,8 +35,10 @@ SMOKE = str(ROOT / "workflows/configs/smoke.yaml")
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 # One task, 30 steps (6 probe + 24 train) with a checkpoint every 5: a node can be lost mid-train.
+# The exact ingest gives every step the same global batch whatever the world size, so the elastic
+# run can be compared with the undisturbed one tensor by tensor.
 STREAM = ["data.builtin.tasks=[count]", "train.steps_per_task=30", "train.checkpoint_every=5",
-          "train.zero_stage=2", "train.cpus_per_worker=2", "tracking.enabled=false"]
+          "train.zero_stage=2", "train.cpus_per_worker=2", "tracking.enabled=false", "train.ingest=exact"]
 # The head declares a dead node within ~3 s instead of Ray's default ~30 s. Ray Data's
 # AutoscalingCoordinator, which sizes an elastic group, still lists the node for up to 20 s after;
 # a group sized for it cannot be placed and is retried after the start timeout (60 s by default).
