@@ -30,6 +30,7 @@ from cram_ray.config import StreamConfig
 from cram_ray.data.records import TaskInfo
 from cram_ray.methods.base import Batch, ContinualMethod
 from cram_ray.methods.common import check_meta, cosine, freeze, task_from_json, task_to_json
+from cram_ray.models.vlm import register_attached_hooks
 
 STATE_VERSION = 1
 PROMPT_STD = 0.02
@@ -55,6 +56,7 @@ class PromptPrefix:
         self._strip = 0
         self._handles = [decoder.register_forward_pre_hook(self._before, with_kwargs=True),
                          decoder.register_forward_hook(self._after, with_kwargs=True)]
+        register_attached_hooks(decoder, *self._handles)  # removed with the adapters between stages
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self._strip = 0

@@ -212,6 +212,11 @@ class SameLinear(nn.Module):
         self.weights: Optional[torch.Tensor] = None  # (B, n) routing weights of the current version
         self._version = -1
 
+    @property
+    def base_layer(self) -> nn.Module:
+        """The wrapped layer, as every adapter names it (so a reused base can be stripped of it)."""
+        return self.inner
+
     def add_row(self, slot: int, row: Optional[torch.Tensor] = None) -> None:
         value = torch.zeros(self.inner.in_features) if row is None else row
         self.router[str(slot)] = nn.Parameter(value.detach().clone().to(torch.float32), requires_grad=False)

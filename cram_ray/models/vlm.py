@@ -612,9 +612,22 @@ def check_target_modules(cfg: StreamConfig) -> None:
                           f"(expected some of {', '.join(sorted(names))})")
 
 
+ATTACHED_HOOKS = "_cram_attached_hooks"  # a module attribute: hook handles a method attached
+
+
+def register_attached_hooks(module: torch.nn.Module, *handles: Any) -> None:
+    """Record hooks a method attached to ``module`` for one stage: :func:`strip_adapters` removes
+    them with the adapters, so a base reused by the next stage runs none of them."""
+    module.__dict__.setdefault(ATTACHED_HOOKS, []).extend(handles)
+
+
 def strip_adapters(model: torch.nn.Module) -> torch.nn.Module:
     """Put every adapter-wrapped linear back (each wrapper keeps its linear as ``base_layer``, as
-    peft's LoRA layers, ExpertLinear and MoELoRALinear do) and drop peft's bookkeeping; in place."""
+    peft's LoRA layers, ExpertLinear and MoELoRALinear do), remove the hooks methods attached
+    (:func:`register_attached_hooks`) and drop peft's bookkeeping; in place."""
+    for module in model.modules():
+        for handle in module.__dict__.pop(ATTACHED_HOOKS, []):
+            handle.remove()
     wrapped = [(name, module) for name, module in model.named_modules()
                if not isinstance(module, torch.nn.Linear) and isinstance(getattr(module, "base_layer", None), torch.nn.Module)]
     outer = [(n, m) for n, m in wrapped if not any(n.startswith(o + ".") for o, _ in wrapped)]

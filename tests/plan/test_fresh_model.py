@@ -26,10 +26,12 @@ def _batch(vlm):
     return vlm.processor.train_batch(recs, [0] * 4)
 
 
-@pytest.mark.parametrize("method", ["lora_ft", "moelora", "olora", "cram"])
+@pytest.mark.parametrize("method", ["lora_ft", "moelora", "olora", "cram", "same", "modalprompt", "hide"])
 def test_fresh_model_removes_the_previous_stage_adapters_in_place(vlm, method):
     cfg = load_config(None, TINY + [f"method.name={method}"])
     before = {k: v.clone() for k, v in vlm.model.state_dict().items()}
+    hooks = lambda m: sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules())  # noqa: E731
+    base_hooks = hooks(vlm.model)  # transformers' own
     rt = Runtime(vlm, None, None)
     for _ in range(2):
         model = rt.fresh_model(cfg.train)
@@ -39,6 +41,7 @@ def test_fresh_model_removes_the_previous_stage_adapters_in_place(vlm, method):
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in model.parameters())
+    assert hooks(model) == base_hooks  # no hook a stage's method attached is left
 
 
 def test_routing_reads_the_trained_model_own_vision_tower(vlm):
