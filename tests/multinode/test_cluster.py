@@ -218,7 +218,9 @@ def test_killed_tune_study_is_restored_on_the_cluster(cluster, cache_dir, tmp_pa
         argv += ["--set", item]
     with Driver(argv, head, tmp_path / "first.log") as driver:
         finished = driver.wait_for("finished trial", lambda: _terminated(out), every=1.0)
-    assert len(finished) == 1
+    # Tune saves its experiment state periodically: the second trial may be recorded as finished in
+    # the same save as the first; either way the restored study must run none of them again
+    assert 1 <= len(finished) <= 2
     stamps = {t: (out / "trials" / t / "summary.json").stat().st_mtime_ns for t in finished}
     log = tmp_path / "second.log"
     with log.open("w") as fh:
