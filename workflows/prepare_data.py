@@ -3,7 +3,7 @@
     python workflows/prepare_data.py MANIFEST --out DIR [--rows-per-shard N] [--executor local|ray]
                                      [--cache-dir DIR]
 
-Writes ``DIR/<task>/<split>/part-*.parquet`` for every task and split, ``DIR/corpus.json``,
+Writes ``DIR/<task>/<split>/part-*.parquet`` for every task and split,
 ``DIR/files.json`` (every benchmark file's SHA-256) and last ``DIR/_DONE.json`` (benchmark name,
 content hash, task order, metric and record counts per task): the same code and layout as a
 stream's ``<storage>/datasets/<hash>``. ``DIR`` must not exist, or hold the same benchmark
@@ -46,14 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     bench = load_benchmark(args.manifest, check_images=False)
     identity = identify(bench, Path(args.cache_dir).expanduser() / "content")
-    corpus = [f"{e.instruction} {e.answer}" for t in bench.tasks for e in t.entries("train")]
     if args.executor == "ray":
         from cram_ray.config import TrainConfig
         from cram_ray.pipeline.ray_cluster import connect
 
         connect(TrainConfig())
     out = Path(args.out).expanduser().resolve()
-    marker = prepare(bench, identity, Storage(str(out.parent)), out.name, corpus=corpus,
+    marker = prepare(bench, identity, Storage(str(out.parent)), out.name,
                      use_ray=args.executor == "ray", rows_per_shard=args.rows_per_shard)
     for t in marker["tasks"]:
         print(f"{t['name']}: {t['train']} train, {t['test']} test records")

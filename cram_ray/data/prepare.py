@@ -3,7 +3,6 @@
 A prepared dataset is one folder ``<rel>/`` of a :class:`~cram_ray.pipeline.ledger.Storage`::
 
     <rel>/<task>/<split>/part-*.parquet   records with the image files' own bytes
-    <rel>/corpus.json                     the instruction/answer texts the tiny tokenizer is built on
     <rel>/files.json                      the benchmark's files and their SHA-256 (names what changed)
     <rel>/_DONE.json                      written last: benchmark name, content hash, tasks and counts
 
@@ -34,7 +33,6 @@ from cram_ray.data.records import DataError
 from cram_ray.data.shards import SCHEMA, shard_name, write_table
 
 MARKER = "_DONE.json"
-CORPUS = "corpus.json"
 FILES = "files.json"
 DATASETS = "datasets"
 ROWS_PER_SHARD = 512
@@ -139,8 +137,7 @@ def _write_split_local(task: TaskData, split: str, fs: Any, path: str, rows_per_
         write_table(load({key: [r[key] for r in chunk] for key in chunk[0]}), f"{path}/{shard_name(k)}", fs)
 
 
-def prepare(bench: Benchmark, identity: Identity, storage: Any, rel: str, *, corpus: list[str],
-            use_ray: bool, rows_per_shard: int = ROWS_PER_SHARD,
+def prepare(bench: Benchmark, identity: Identity, storage: Any, rel: str, *, use_ray: bool, rows_per_shard: int = ROWS_PER_SHARD,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write ``bench`` as a prepared dataset at ``rel`` unless one of the same content is there;
     returns its marker. ``use_ray`` runs the image pass as Ray Data jobs (Ray must be initialised).
@@ -173,7 +170,6 @@ def prepare(bench: Benchmark, identity: Identity, storage: Any, rel: str, *, cor
                 write(task, split, storage.fs, storage.path(f"{work}/{task.name}/{split}"), rows_per_shard)
                 counts[split] = len(task.entries(split))
             tasks.append({"name": task.name, "metric": task.metric, **counts})
-        storage.write_bytes_atomic(f"{work}/{CORPUS}", json.dumps(sorted(set(corpus))).encode())
         storage.write_bytes_atomic(f"{work}/{FILES}", json.dumps(identity.files, indent=0).encode())
         marker = {"benchmark": bench.name, "manifest": str(bench.path), "hash": identity.hash, "tasks": tasks,
                   "engine": "ray_data" if use_ray else "local", "seconds": time.time() - t0}

@@ -60,10 +60,6 @@ class StageContext:
         meta = self.tasks[task]
         return f"{meta.dataset}/{meta.name}/{split}"
 
-    @property
-    def corpus_rel(self) -> str:
-        return f"{self.tasks[0].dataset}/corpus.json"
-
     def to_json(self) -> dict[str, Any]:
         return {"cfg": self.cfg.to_dict(), "run_id": self.run_id,
                 "tasks": [dataclasses.asdict(t) for t in self.tasks]}

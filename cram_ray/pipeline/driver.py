@@ -78,20 +78,18 @@ RESUMABLE_KEYS = ("storage", "train.executor", "train.ray_address", "train.max_f
                   "train.checkpoint_every", "tracking.", "tune.")
 
 
-def benchmark_identity(cfg: StreamConfig) -> tuple[Any, Any, list[str]]:
-    """(benchmark metadata, content identity, tokenizer corpus) of the stream's benchmark."""
-    from cram_ray.data.builtin import generate_builtin, vocabulary_texts
+def benchmark_identity(cfg: StreamConfig) -> tuple[Any, Any]:
+    """(benchmark metadata, content identity) of the stream's benchmark."""
+    from cram_ray.data.builtin import generate_builtin
     from cram_ray.data.identity import identify
     from cram_ray.data.manifest import load_benchmark
 
     cache = Path(cfg.data.cache_dir).expanduser()
     if cfg.data.benchmark:
         bench = load_benchmark(cfg.data.benchmark, check_images=False)
-        corpus = [f"{e.instruction} {e.answer}" for t in bench.tasks for e in t.entries("train")]
     else:
         bench = load_benchmark(generate_builtin(cfg.data.builtin, cache / "builtin"), check_images=False)
-        corpus = vocabulary_texts()
-    return bench, identify(bench, cache / "content"), corpus
+    return bench, identify(bench, cache / "content")
 
 
 def _check_same_run(recorded: dict[str, Any], cfg: StreamConfig, identity: Any, storage: Storage) -> None:
@@ -122,7 +120,7 @@ def prepare_data(cfg: StreamConfig, run_id: str, *, restart: bool = False) -> li
 
     storage = Storage(cfg.storage)
     ledger = Ledger(storage, run_id)
-    bench, identity, corpus = benchmark_identity(cfg)
+    bench, identity = benchmark_identity(cfg)
     recorded = None if restart else ledger.marker(-1, DATA_STAGE)
     if recorded is not None:
         _check_same_run(recorded["result"]["metrics"], cfg, identity, storage)
@@ -132,7 +130,7 @@ def prepare_data(cfg: StreamConfig, run_id: str, *, restart: bool = False) -> li
         from cram_ray.pipeline.ray_cluster import connect
 
         connect(cfg.train)
-    marker = prepare(bench, identity, storage, rel, corpus=corpus, use_ray=use_ray)
+    marker = prepare(bench, identity, storage, rel, use_ray=use_ray)
     metas = [TaskMeta(t["name"], t["metric"], t["train"], t["test"], rel) for t in marker["tasks"]]
     if recorded is None:
         metrics = {"benchmark": bench.name, "benchmark_hash": identity.hash, "dataset": rel,

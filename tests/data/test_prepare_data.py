@@ -58,13 +58,6 @@ def test_writes_shards_with_the_images_own_bytes(bench, tmp_path, capsys):
     assert tree_digest(out) == before
 
 
-def test_corpus_holds_the_training_texts(bench, tmp_path):
-    out = tmp_path / "out"
-    assert _prepare(bench, out, tmp_path) == 0
-    assert json.loads((out / "corpus.json").read_text()) == sorted(
-        {"What colour? red", "What colour? blue", "Say green. green", "Pick one. (A) red (B) blue A"})
-
-
 def test_an_output_folder_with_other_data_is_refused_untouched(bench, tmp_path, capsys):
     out = tmp_path / "out"
     (out / "colour" / "train").mkdir(parents=True)

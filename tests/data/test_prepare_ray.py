@@ -35,7 +35,7 @@ def test_ray_data_and_local_write_the_same_records_in_order(bench, tmp_path, ray
     ident = identify(bench_data, None)
     storage = Storage(str(tmp_path))
     for use_ray in (False, True):
-        prepare(bench_data, ident, storage, f"ray-{use_ray}", corpus=[], use_ray=use_ray, rows_per_shard=4)
+        prepare(bench_data, ident, storage, f"ray-{use_ray}", use_ray=use_ray, rows_per_shard=4)
     for task in bench_data.tasks:
         for split in ("train", "test"):
             local = read_shards(tmp_path / "ray-False" / task.name / split)
@@ -48,7 +48,7 @@ def test_a_bad_image_in_a_ray_worker_is_one_line(bench, tmp_path, ray_local):
     bench.images["b.jpg"] = b"\xff\xd8 not a jpeg"
     bench_data = load_benchmark(bench.write(), check_images=False)
     with pytest.raises(DataError) as info:
-        prepare(bench_data, identify(bench_data, None), Storage(str(tmp_path)), "out", corpus=[], use_ray=True)
+        prepare(bench_data, identify(bench_data, None), Storage(str(tmp_path)), "out", use_ray=True)
     msg = str(info.value)
     assert "\n" not in msg and "colour_train.json: record 'c2' (#1) field 'image': cannot decode" in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
