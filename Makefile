@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-cluster test-all test-fast demo bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,8 +20,15 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 install: $(STAMP)
 
+# `test` is the everyday suite (~15-20 min here); `test-cluster` the two-node cluster and the GPU
+# check on CPU (~12 min); CI runs both (`test-all`).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q --durations=25 -m "not cluster" tests
+
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=10 -m cluster tests
+
+test-all: test test-cluster
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not ray and not slow" tests

@@ -32,7 +32,7 @@ from s3_server import list_keys  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "workflows/configs/smoke.yaml")
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cluster]
 
 # One task, 30 steps (6 probe + 24 train) with a checkpoint every 5: a node can be lost mid-train.
 # The exact ingest gives every step the same global batch whatever the world size, so the elastic

@@ -17,6 +17,7 @@ TINY = ["model.dtype=float32", "train.use_gpu=false", "train.gpu=null", "model.i
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_gpu_check_runs_on_cpu_at_tiny_shapes(tmp_path, capsys):
     import gpu_check
 
