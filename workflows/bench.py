@@ -12,6 +12,9 @@ Subcommands:
          in one run; last line ``ratio X`` (Ray / in-process)
   prepare  workflows/prepare_data.py on a generated LLaVA-JSON benchmark of N 96x96 JPEG records:
          records per second and the preparing process's peak RSS (several sizes: its growth)
+  stream a whole stream on Ray over a generated JPEG benchmark of N records (smoke model, a few steps
+         per task): the driver's peak RSS while it prepares the shards, trains, aggregates and
+         evaluates, and the stream's wall time
 """
 from __future__ import annotations
 
@@ -398,9 +401,9 @@ def bench_eval(args: argparse.Namespace) -> None:
     print(f"end-to-end ratio {ray_sps / local_sps:.3f} (pool start-up included)")
     print(f"ratio {steady_sps / local_sps:.3f}")
 
-def write_jpeg_benchmark(root: Path, n: int, tasks: int = 4) -> Path:
+def write_jpeg_benchmark(root: Path, n: int, tasks: int = 4, test_every: int = 10) -> Path:
     """A manifest + LLaVA-JSON benchmark of ``n`` distinct 96x96 noise JPEGs (~26 KB each, quality 95)
-    over ``tasks`` tasks, 90% train / 10% test; returns the manifest."""
+    over ``tasks`` tasks, one record in ``test_every`` of each task for test; returns the manifest."""
     import json
 
     import numpy as np
@@ -412,7 +415,7 @@ def write_jpeg_benchmark(root: Path, n: int, tasks: int = 4) -> Path:
     for i in range(n):
         name = f"{i:07d}.jpg"
         Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(root / "images" / name, quality=95)
-        task, split = f"t{i % tasks}", "test" if (i // tasks) % 10 == 9 else "train"
+        task, split = f"t{i % tasks}", "test" if (i // tasks) % test_every == test_every - 1 else "train"
         rows.setdefault(f"{task}_{split}.json", []).append({
             "id": f"r{i}", "image": name,
             "conversations": [{"from": "human", "value": f"<image>\nWhat is record {i % 97}?"},
@@ -458,6 +461,59 @@ def bench_prepare(args: argparse.Namespace) -> None:
         (n0, _, r0), (n1, _, r1) = results[0], results[-1]
         print(f"driver peak RSS growth from {n0} to {n1} records: {r1 - r0:+.0f} MB "
               f"({(r1 - r0) / max(n1 - n0, 1) * 1000:.1f} KB per record)")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's own peak resident set (VmHWM), in MB; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def bench_stream(args: argparse.Namespace) -> None:
+    """stream.py as a child process on a generated benchmark; the driver's peak RSS is its VmHWM,
+    sampled until it exits (the embedded cluster's raylet and workers are other processes)."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cram-bench-stream-", dir=args.tmp) as tmp:
+        t0 = time.perf_counter()
+        manifest = write_jpeg_benchmark(Path(tmp) / "bench", args.records, args.tasks, args.test_every)
+        print(f"generated {args.records} records over {args.tasks} task(s) in {time.perf_counter() - t0:.1f} s",
+              flush=True)
+        out = Path(tmp) / "out"
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / "stream.py"), "--config", args.config,
+               "--benchmark", str(manifest), "--executor", "ray", "--out", str(out),
+               "--set", f"train.steps_per_task={args.steps}", "--set", f"data.cache_dir={Path(tmp) / 'cache'}",
+               "--set", "tracking.enabled=false"]
+        for item in args.overrides:
+            cmd += ["--set", item]
+        log = Path(tmp) / "stream.log"
+        t0 = time.perf_counter()
+        with open(log, "w") as sink:
+            proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True)
+            peak = 0.0
+            while proc.poll() is None:
+                peak = max(peak, peak_rss_mb(proc.pid))
+                time.sleep(0.5)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            tail = log.read_text().strip().splitlines()[-5:]
+            raise SystemExit("error: bench.py stream: stream.py failed: " + " | ".join(tail))
+        summary = json.loads((out / "summary.json").read_text())
+        size_mb = sum(p.stat().st_size for p in (Path(tmp) / "bench" / "images").iterdir()) / 1e6
+        print(f"machine: {os.cpu_count()} cores")
+        print(f"stream on ray: {args.records} records ({size_mb:.0f} MB of JPEG), {args.tasks} task(s), "
+              f"{args.steps} steps per task, {args.config}")
+        print(f"wall {seconds:.1f} s (prepare, train, aggregate, evaluate); stage_seconds {summary['stage_seconds']}")
+        print(f"accuracy matrix {summary['accuracy_matrix']}")
+        print(f"driver peak RSS {peak:.0f} MB")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -513,6 +569,15 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--executor", choices=["local", "ray"], default="local")
     prep.add_argument("--tmp", default=None, help="folder for the generated benchmark (default: the system's)")
     prep.set_defaults(func=bench_prepare)
+    stream = sub.add_parser("stream", help="driver peak RSS of a Ray stream over a generated JPEG benchmark")
+    stream.add_argument("--records", type=int, default=3000)
+    stream.add_argument("--tasks", type=int, default=4)
+    stream.add_argument("--test-every", type=int, default=10, help="one record in this many is a test record")
+    stream.add_argument("--steps", type=int, default=50, help="train.steps_per_task")
+    stream.add_argument("--config", default=str(CONFIGS / "smoke.yaml"))
+    stream.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    stream.add_argument("--tmp", default=None, help="folder for the generated benchmark and the run")
+    stream.set_defaults(func=bench_stream)
     return parser
 
 
