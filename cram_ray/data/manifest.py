@@ -16,7 +16,8 @@ Each JSON file is a list of records
 ``{"id": ..., "image": "rel/path.png", "conversations": [{"from": "human", "value": "<image>\\n..."},
 {"from": "gpt", "value": "..."}]}``. The instruction is the first human turn with the ``<image>``
 marker removed; the answer is the first gpt turn after it; a record without ``"image"`` is text-only.
-Later turns of a multi-turn conversation are not used.
+Later turns of a multi-turn conversation are not used. An optional ``"answers"`` list holds every
+reference answer a test record is scored against (VQA's human answers, a caption's references).
 
 :func:`load_benchmark` validates the manifest and every record and holds only metadata (ids, resolved
 image paths, instructions, answers); :func:`load_image` reads and checks one image. Each problem
@@ -75,6 +76,7 @@ class Entry:
     image: Optional[str]
     instruction: str
     answer: str
+    answers: Optional[tuple[str, ...]] = None  # every reference answer, when the record lists them
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ class TaskData:
         prepare job reads images batch by batch instead)."""
         path = self.path(split)
         return [Record(id=e.id, task=self.name, metric=self.metric, instruction=e.instruction, answer=e.answer,
-                       image=None if e.image is None else load_image(e.image, self.limits, f"{path}: {e.label}"))
+                       image=None if e.image is None else load_image(e.image, self.limits, f"{path}: {e.label}"),
+                       answers=e.answers)
                 for e in self.splits[split]]
 
     def info(self, index: int) -> TaskInfo:
@@ -391,4 +394,15 @@ def _entry(rec: Any, index: int, path: Path, image_root: Path, outside_ok: bool)
         if not file.is_file():
             raise DataError(f"{where} field 'image': image file {image_root / rel} not found")
         image = str(file)
-    return Entry(id=rid, label=label, image=image, instruction=instruction, answer=str(answer).strip())
+    return Entry(id=rid, label=label, image=image, instruction=instruction, answer=str(answer).strip(),
+                 answers=_answers(rec.get("answers"), where))
+
+
+def _answers(raw: Any, where: str) -> Optional[tuple[str, ...]]:
+    if raw is None:
+        return None
+    if (not isinstance(raw, list) or not raw
+            or any(not isinstance(a, (str, int, float)) or isinstance(a, bool) or not str(a).strip() for a in raw)):
+        raise DataError(f"{where} field 'answers': expected a non-empty list of non-empty answer strings, "
+                        f"got {raw!r}"[:300])
+    return tuple(str(a).strip() for a in raw)
