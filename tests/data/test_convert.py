@@ -247,3 +247,16 @@ def test_a_source_without_the_layout_names_what_it_looked_for(tmp_path, capsys):
     assert "no CoIN instruction folder (looked for Instructions_Original" in _one_error_line(capsys)
     assert _main("--from", "vqa", str(tmp_path / "empty"), "--out", str(tmp_path / "out")) == 2
     assert "unknown layout 'vqa' (expected one of coin, ucit)" in _one_error_line(capsys)
+
+
+def test_reference_lists_survive_ray_datas_batches():
+    """The Ray Data evaluation turns shard rows back into records from numpy batches."""
+    from ray.data.block import BlockAccessor
+
+    from cram_ray.data.records import Record
+    from cram_ray.data.shards import records_table
+    from cram_ray.train.ingest import records_of
+
+    recs = [Record("a", "TextVQA", None, "q?", "stop", "vqa", tuple(TEXTVQA_HUMANS)),
+            Record("b", "GQA", None, "q?", "left", "lower_exact")]
+    assert records_of(BlockAccessor.for_block(records_table(recs)).to_batch_format("numpy")) == recs
