@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal, Optional
 
 import yaml
 
-from cram_ray.data.manifest import GPT_ROLES, HUMAN_ROLES, IMAGE_MARKER, Limits
+from cram_ray.data.manifest import GPT_ROLES, HUMAN_ROLES, IMAGE_MARKER, Limits, read_json
 from cram_ray.data.records import DataError
 from cram_ray.eval.scorers import parse_box, parse_option_letter
 
@@ -152,7 +152,7 @@ def convert(layout_name: str, src: str | Path, out: str | Path, *, instructions:
         instructions: the instruction folder relative to ``src`` (default: the layout's usual names).
         images: the image folder relative to ``src`` (default: the layout's usual names).
         skip_missing_images: drop (and count) records whose image file is absent instead of failing.
-        limits: the size limit for JSON files (``max_json_bytes``).
+        limits: the size and nesting limits of JSON files.
 
     Raises:
         DataError: one line naming the file, record and field that cannot be mapped.
@@ -211,20 +211,6 @@ def _pick_file(folder: Path, names: tuple[str, ...], root: Path, what: str) -> P
     raise DataError(f"{folder}: no {what} file (expected one of {', '.join(names)})")
 
 
-def _read_json(path: Path, limits: Limits) -> Any:
-    size = path.stat().st_size
-    if size > limits.max_json_bytes:
-        raise DataError(f"{path}: {size} bytes (limit max_json_bytes={limits.max_json_bytes})")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not a UTF-8 text file (expected JSON)") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno} ({err.msg})") from None
-    except RecursionError:
-        raise DataError(f"{path}: JSON nested too deeply (expected a list of records)") from None
-
-
 def _rel(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
@@ -250,7 +236,7 @@ def _convert_task(spec: TaskSpec, layout: Layout, root: Path, inst_dir: Path, im
     counts = {"skipped": 0, "renamed": 0, "with_references": 0}
     written = {}
     for split, path in files.items():
-        raw = _read_json(path, limits)
+        raw = read_json(path, limits)
         if not isinstance(raw, list) or not raw:
             raise DataError(f"{path}: expected a non-empty JSON list of records, got "
                             f"{type(raw).__name__ if raw else 'an empty list'}")
@@ -371,7 +357,7 @@ def _unique(rid: str, seen: set[str]) -> tuple[str, int]:
 
 def _load_references(kind: str, path: Path, limits: Limits) -> Callable[[dict, int, str], list[str]]:
     """A function giving a test record's reference answers (its dict, its position, how errors name it)."""
-    raw = _read_json(path, limits)
+    raw = read_json(path, limits, "reference answers")
     refs: dict[Any, list[str]] = {}
     if kind == "textvqa":
         data = raw.get("data") if isinstance(raw, dict) else None

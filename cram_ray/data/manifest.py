@@ -310,22 +310,27 @@ def _json_depth(text: str) -> int:
     return deepest
 
 
-def _read_entries(path: Path, image_root: Path, limits: Limits, outside_ok: bool) -> list[Entry]:
+def read_json(path: Path, limits: Limits, expected: str = "a JSON list of records") -> Any:
+    """A JSON file's content, its size and nesting checked against ``limits`` before it is parsed;
+    ``expected`` says in errors what the file should hold."""
     size = path.stat().st_size
     if size > limits.max_json_bytes:
         raise DataError(f"{path}: {size} bytes (limit max_json_bytes={limits.max_json_bytes})")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not a UTF-8 text file (expected a JSON list of records)") from None
+        raise DataError(f"{path}: not a UTF-8 text file (expected {expected})") from None
     depth = _json_depth(text)
     if depth > limits.max_json_depth:
         raise DataError(f"{path}: JSON nested {depth} deep (limit max_json_depth={limits.max_json_depth})")
     try:
-        raw = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno} ({err.msg})") from None
-    del text
+
+
+def _read_entries(path: Path, image_root: Path, limits: Limits, outside_ok: bool) -> list[Entry]:
+    raw = read_json(path, limits)
     if not isinstance(raw, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
     if not raw:
