@@ -135,6 +135,8 @@ class TaskReport:
 
 @dataclass(frozen=True)
 class Conversion:
+    """A finished conversion: the manifest to give a stream, and what each task's conversion did."""
+
     manifest: Path
     tasks: list[TaskReport]
     reused: bool  # the output folder already held this very conversion
@@ -165,8 +167,8 @@ def convert(layout_name: str, src: str | Path, out: str | Path, *, instructions:
         raise DataError(f"{root}: source folder not found (expected the downloaded {layout.title} benchmark)")
     root = root.resolve()
     inst_dir = _pick_dir(root, (instructions,) if instructions else layout.instructions, "instruction", layout,
-                         [t.folders[0] for t in layout.tasks])
-    image_dir = _pick_dir(root, (images,) if images else layout.images, "image", layout, [])
+                         layout.tasks[0].folders[0])
+    image_dir = _pick_dir(root, (images,) if images else layout.images, "image", layout, None)
     target = Path(out).expanduser().resolve()
     if target == root or root.is_relative_to(target):
         raise DataError(f"{target}: the output folder would hold the source {root}; choose another --out")
@@ -194,12 +196,13 @@ def _inside(path: Path, root: Path, what: str) -> Path:
     return resolved
 
 
-def _pick_dir(root: Path, candidates: tuple[str, ...], what: str, layout: Layout, expect: list[str]) -> Path:
+def _pick_dir(root: Path, candidates: tuple[str, ...], what: str, layout: Layout, holding: Optional[str]) -> Path:
+    """The first candidate folder (that holds the sub-folder ``holding``, when given)."""
     for rel in candidates:
         path = root / rel
-        if path.is_dir() and all((path / sub).is_dir() for sub in expect[:1]):
+        if path.is_dir() and (holding is None or (path / holding).is_dir()):
             return _inside(path, root, f"the {what} folder")
-    hint = f" holding {expect[0]}/ and the other task folders" if expect else ""
+    hint = f" holding {holding}/ and the other task folders" if holding else ""
     raise DataError(f"{root}: no {layout.title} {what} folder (looked for {', '.join(candidates)}{hint}; "
                     f"name it with --{what}s)")
 

@@ -75,11 +75,16 @@ def coin_tree(src: Path) -> Path:
     return src
 
 
-def ucit_tree(src: Path) -> Path:
-    """A UCIT download as HiDe-LLaVA documents it: instructions/<Task>/..., datasets/<Task>/..."""
+def ucit_tree(src: Path, mcitlib: bool = False) -> Path:
+    """A UCIT download as HiDe-LLaVA documents it: instructions/<Task>/..., datasets/<Task>/...;
+    ``mcitlib``: as MCITlib lays it out, task folders in the root with train.json / test.json and
+    no caption annotations."""
     folders = {"ImageNet-R": ("ImageNet-R", "train.json"), "ArxivQA": ("ArxivQA", "train_4w.json"),
                "VizWiz-Caption": ("VizWiz", "train.json"), "IconQA": ("IconQA", "train.json"),
                "CLEVR-Math": ("CLEVR", "train_4w.json"), "Flickr30k": ("Flickr30k", "train_brief_4w.json")}
+    if mcitlib:
+        folders = {name: (name if name != "VizWiz-Caption" else "VizWiz", "train.json") for name in folders}
+    inst = src if mcitlib else src / "instructions"
     for t, spec in enumerate(UCIT.tasks):
         folder, train_name = folders[spec.name]
         img = f"{folder}/train/{t}_{{}}.png"
@@ -89,10 +94,10 @@ def ucit_tree(src: Path) -> Path:
         train = [_llava(f"u{t}-{k}", img.format(k), f"{spec.name} q{k}?", f"{spec.name} a{k}") for k in range(3)]
         test = [_question(f"u{t}-t{k}", img.format(k), f"{spec.name} test {k}?", answer=f"{spec.name} b{k}")
                 for k in range(2)]
-        _write(src / "instructions" / folder / train_name, train)
-        _write(src / "instructions" / folder / "test_3000.json", test)
-        if spec.metric == "anls":  # COCO-style reference captions, image_id = position in the test file
-            _write(src / "instructions" / folder / "val_coco_type_3000.json",
+        _write(inst / folder / train_name, train)
+        _write(inst / folder / ("test.json" if mcitlib else "test_3000.json"), test)
+        if spec.metric == "anls" and not mcitlib:  # COCO-style reference captions, image_id = test position
+            _write(inst / folder / "val_coco_type_3000.json",
                    {"images": [{"id": k + 1} for k in range(2)],
                     "annotations": [{"image_id": k + 1, "id": 10 * k + j, "caption": f"caption {k} by {j}"}
                                     for k in range(2) for j in range(5)]})
@@ -139,6 +144,24 @@ def test_ucit_converts_with_caption_references_joined_by_position(tmp_path):
     assert [e.answers for e in flickr.entries("test")] == [tuple(f"caption {k} by {j}" for j in range(5))
                                                            for k in range(2)]
     assert [r.with_references for r in conv.tasks] == [0, 0, 2, 0, 0, 2]
+
+
+def test_ucit_as_mcitlib_lays_it_out_converts_without_caption_references(tmp_path):
+    conv = convert("ucit", ucit_tree(tmp_path / "UCIT", mcitlib=True), tmp_path / "bench")
+    assert load_benchmark(conv.manifest).task_names == list(UCIT_METRICS)
+    assert conv.tasks[4].sources == {"train": "CLEVR-Math/train.json", "test": "CLEVR-Math/test.json"}
+    assert [r.with_references for r in conv.tasks] == [0] * 6  # scored against the single answer
+
+
+def test_folders_with_other_names_are_given_relative_to_the_source(coin_src, tmp_path, capsys):
+    (coin_src / "Instructions_Original").rename(coin_src / "instr")
+    (coin_src / "cl_dataset").rename(coin_src / "imgs")
+    conv = convert("coin", coin_src, tmp_path / "bench", instructions="instr", images="imgs")
+    assert load_benchmark(conv.manifest).image_root == (coin_src / "imgs").resolve()
+    (tmp_path / "elsewhere" / "ScienceQA").mkdir(parents=True)
+    assert _main("--from", "coin", str(coin_src), "--out", str(tmp_path / "out"), "--instructions", "../elsewhere",
+                 "--images", "imgs") == 2
+    assert "outside the source folder" in _one_error_line(capsys)
 
 
 @pytest.mark.parametrize("layout,tree", [("coin", coin_tree), ("ucit", ucit_tree)])
