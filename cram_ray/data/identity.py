@@ -20,7 +20,7 @@ from cram_ray.data.manifest import SPLITS, Benchmark
 from cram_ray.pipeline.ledger import sha256_file
 
 # bump whenever the prepared shards of the same files change (schema, image handling)
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 KEY_CHARS = 16  # the hash prefix that names a prepared dataset
 
 

@@ -16,7 +16,8 @@ Each JSON file is a list of records
 ``{"id": ..., "image": "rel/path.png", "conversations": [{"from": "human", "value": "<image>\\n..."},
 {"from": "gpt", "value": "..."}]}``. The instruction is the first human turn with the ``<image>``
 marker removed; the answer is the first gpt turn after it; a record without ``"image"`` is text-only.
-Later turns of a multi-turn conversation are not used.
+Later turns of a multi-turn conversation are not used. An optional ``"answers"`` list holds every
+reference answer a test record is scored against (VQA's human answers, a caption's references).
 
 :func:`load_benchmark` validates the manifest and every record and holds only metadata (ids, resolved
 image paths, instructions, answers); :func:`load_image` reads and checks one image. Each problem
@@ -75,6 +76,7 @@ class Entry:
     image: Optional[str]
     instruction: str
     answer: str
+    answers: Optional[tuple[str, ...]] = None  # every reference answer, when the record lists them
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ class TaskData:
         prepare job reads images batch by batch instead)."""
         path = self.path(split)
         return [Record(id=e.id, task=self.name, metric=self.metric, instruction=e.instruction, answer=e.answer,
-                       image=None if e.image is None else load_image(e.image, self.limits, f"{path}: {e.label}"))
+                       image=None if e.image is None else load_image(e.image, self.limits, f"{path}: {e.label}"),
+                       answers=e.answers)
                 for e in self.splits[split]]
 
     def info(self, index: int) -> TaskInfo:
@@ -307,22 +310,27 @@ def _json_depth(text: str) -> int:
     return deepest
 
 
-def _read_entries(path: Path, image_root: Path, limits: Limits, outside_ok: bool) -> list[Entry]:
+def read_json(path: Path, limits: Limits, expected: str = "a JSON list of records") -> Any:
+    """A JSON file's content, its size and nesting checked against ``limits`` before it is parsed;
+    ``expected`` says in errors what the file should hold."""
     size = path.stat().st_size
     if size > limits.max_json_bytes:
         raise DataError(f"{path}: {size} bytes (limit max_json_bytes={limits.max_json_bytes})")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not a UTF-8 text file (expected a JSON list of records)") from None
+        raise DataError(f"{path}: not a UTF-8 text file (expected {expected})") from None
     depth = _json_depth(text)
     if depth > limits.max_json_depth:
         raise DataError(f"{path}: JSON nested {depth} deep (limit max_json_depth={limits.max_json_depth})")
     try:
-        raw = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno} ({err.msg})") from None
-    del text
+
+
+def _read_entries(path: Path, image_root: Path, limits: Limits, outside_ok: bool) -> list[Entry]:
+    raw = read_json(path, limits)
     if not isinstance(raw, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
     if not raw:
@@ -391,4 +399,15 @@ def _entry(rec: Any, index: int, path: Path, image_root: Path, outside_ok: bool)
         if not file.is_file():
             raise DataError(f"{where} field 'image': image file {image_root / rel} not found")
         image = str(file)
-    return Entry(id=rid, label=label, image=image, instruction=instruction, answer=str(answer).strip())
+    return Entry(id=rid, label=label, image=image, instruction=instruction, answer=str(answer).strip(),
+                 answers=_answers(rec.get("answers"), where))
+
+
+def _answers(raw: Any, where: str) -> Optional[tuple[str, ...]]:
+    if raw is None:
+        return None
+    if (not isinstance(raw, list) or not raw
+            or any(not isinstance(a, (str, int, float)) or isinstance(a, bool) or not str(a).strip() for a in raw)):
+        raise DataError(f"{where} field 'answers': expected a non-empty list of non-empty answer strings, "
+                        f"got {raw!r}"[:300])
+    return tuple(str(a).strip() for a in raw)

@@ -58,7 +58,8 @@ def find(storage: Any, rel: str) -> Optional[dict[str, Any]]:
 def _metadata_rows(task: TaskData, split: str) -> list[dict[str, Any]]:
     where = str(task.path(split))
     return [{"id": e.id, "image": e.image, "instruction": e.instruction, "answer": e.answer,
-             "where": f"{where}: {e.label}"} for e in task.entries(split)]
+             "answers": None if e.answers is None else list(e.answers), "where": f"{where}: {e.label}"}
+            for e in task.entries(split)]
 
 
 class LoadImages:
@@ -74,7 +75,7 @@ class LoadImages:
         n = len(images)
         return pa.Table.from_pydict({
             "id": cols["id"], "task": [self.task] * n, "image": images, "instruction": cols["instruction"],
-            "answer": cols["answer"], "metric": [self.metric] * n}, schema=SCHEMA)
+            "answer": cols["answer"], "metric": [self.metric] * n, "answers": cols["answers"]}, schema=SCHEMA)
 
 
 class _ShardNames:

@@ -1,7 +1,8 @@
 """The record every task is made of, and the error bad data raises.
 
 A record is one (image, instruction, answer) example of one task, scored by one metric. On disk it
-is a row of a parquet shard with the columns of :data:`SCHEMA_FIELDS`; in memory a :class:`Record`.
+is a row of a parquet shard with the columns of :data:`SCHEMA_FIELDS` (and, when its benchmark has
+them, :data:`OPTIONAL_FIELDS`); in memory a :class:`Record`.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any, Optional
 
 METRICS = ("exact", "lower_exact", "option_letter", "vqa", "contains", "iou", "iou_grid", "anls")
 SCHEMA_FIELDS = ("id", "task", "image", "instruction", "answer", "metric")
+# shards written before a field existed lack its column: it reads as None
+OPTIONAL_FIELDS = ("answers",)
 
 
 def printable(text: str) -> str:
@@ -36,13 +39,25 @@ class Record:
     instruction: str
     answer: str
     metric: str
+    # every reference answer when the data set has several (VQA's ten human answers, a caption's
+    # references); ``answer`` stays the one the model is trained on
+    answers: Optional[tuple[str, ...]] = None
+
+    @property
+    def reference(self) -> str | list[str]:
+        """What a prediction is scored against (``cram_ray.eval.scorers.score``): the list of
+        reference answers when there is one, else the answer."""
+        return list(self.answers) if self.answers else self.answer
 
     def to_row(self) -> dict[str, Any]:
-        return asdict(self)
+        row = asdict(self)
+        row["answers"] = None if self.answers is None else list(self.answers)
+        return row
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Record":
-        return cls(**{k: row[k] for k in SCHEMA_FIELDS})
+        answers = row.get("answers")
+        return cls(**{k: row[k] for k in SCHEMA_FIELDS}, answers=tuple(answers) if answers else None)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Parquet shards of records with the image bytes embedded (what Ray Data and the stages read).
 
-One shard is ``part-XXXXX.parquet`` with the columns of :data:`~cram_ray.data.records.SCHEMA_FIELDS`;
-a directory of shards is one split of one task. Rows keep the order they were written in.
+One shard is ``part-XXXXX.parquet`` with the columns of :data:`~cram_ray.data.records.SCHEMA_FIELDS`
+and :data:`~cram_ray.data.records.OPTIONAL_FIELDS` (older shards may lack the latter); a directory of shards is one split of one task. Rows keep the order they were written in.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cram_ray.data.records import SCHEMA_FIELDS, DataError, Record
+from cram_ray.data.records import OPTIONAL_FIELDS, SCHEMA_FIELDS, DataError, Record
 
 SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -22,6 +22,7 @@ SCHEMA = pa.schema([
     pa.field("instruction", pa.string(), nullable=False),
     pa.field("answer", pa.string(), nullable=False),
     pa.field("metric", pa.string(), nullable=False),
+    pa.field("answers", pa.list_(pa.string()), nullable=True),
 ])
 SHARD_GLOB = "part-*.parquet"
 
@@ -32,8 +33,8 @@ def shard_name(index: int) -> str:
 
 def records_table(records: Sequence[Record]) -> pa.Table:
     """The records as one Arrow table with :data:`SCHEMA`."""
-    columns = {name: [getattr(r, name) for r in records] for name in SCHEMA_FIELDS}
-    return pa.Table.from_pydict(columns, schema=SCHEMA)
+    rows = [r.to_row() for r in records]
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 def write_table(table: pa.Table, path: str, fs: pafs.FileSystem) -> None:
@@ -79,5 +80,6 @@ def read_shards(directory: str | os.PathLike) -> list[Record]:
         missing = [c for c in SCHEMA_FIELDS if c not in table.column_names]
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(SCHEMA_FIELDS)})")
-        out.extend(Record.from_row(row) for row in table.select(list(SCHEMA_FIELDS)).to_pylist())
+        columns = list(SCHEMA_FIELDS) + [c for c in OPTIONAL_FIELDS if c in table.column_names]
+        out.extend(Record.from_row(row) for row in table.select(columns).to_pylist())
     return out

@@ -179,7 +179,7 @@ class Evaluator:
         rows = []
         for j, (rec, pred) in enumerate(zip(recs, preds)):
             row = {"id": rec.id, "task": rec.task, "prediction": pred, "answer": rec.answer,
-                   "score": score(rec.metric, pred, rec.answer)}
+                   "score": score(rec.metric, pred, rec.reference)}
             if choice is not None:
                 row["routed_task"] = int(choice[j])
             rows.append(row)

@@ -221,7 +221,7 @@ def evaluate_task(ctx: StageContext, rt: Runtime, model: torch.nn.Module, method
         choice = method.routed_task()
         for j, (rec, pred) in enumerate(zip(recs, preds)):
             row = {"id": rec.id, "task": rec.task, "prediction": pred, "answer": rec.answer,
-                   "score": score(rec.metric, pred, rec.answer)}
+                   "score": score(rec.metric, pred, rec.reference)}
             if choice is not None:
                 row["routed_task"] = int(choice[j])
                 routed.append(int(choice[j]))

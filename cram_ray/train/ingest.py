@@ -255,8 +255,16 @@ def processor_from(source: str) -> Any:
 
 def records_of(batch: dict[str, np.ndarray]) -> list[Record]:
     n = len(batch["id"])
+    answers = batch.get("answers")
     return [Record(str(batch["id"][i]), str(batch["task"][i]), _bytes_or_none(batch["image"][i]),
-                   str(batch["instruction"][i]), str(batch["answer"][i]), str(batch["metric"][i])) for i in range(n)]
+                   str(batch["instruction"][i]), str(batch["answer"][i]), str(batch["metric"][i]),
+                   None if answers is None else _strings_or_none(answers[i])) for i in range(n)]
+
+
+def _strings_or_none(value: Any) -> Optional[tuple[str, ...]]:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or len(value) == 0:
+        return None
+    return tuple(str(a) for a in value)
 
 
 def _bytes_or_none(value: Any) -> Optional[bytes]:

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from data_testutil import jpeg, png
 
-from cram_ray.data.records import SCHEMA_FIELDS, DataError, Record
+from cram_ray.data.records import OPTIONAL_FIELDS, SCHEMA_FIELDS, DataError, Record
 from cram_ray.data.shards import SCHEMA, read_shards, write_shards
 
 
@@ -14,13 +14,22 @@ def _records(n: int) -> list[Record]:
     for i in range(n):
         image = None if i % 4 == 3 else (png((5 + i % 3, 7), (i, 2 * i % 256, 90)) if i % 2 else jpeg())
         out.append(Record(id=f"r{i}", task="t\u00e9che", image=image, instruction=f"Question {i}? \u2192 \u00e9\n",
-                          answer=f"[{i}, 0, 1, 2]" if i % 5 else "", metric="iou"))
+                          answer=f"[{i}, 0, 1, 2]" if i % 5 else "", metric="iou",
+                          answers=(f"a{i}", "b") if i % 3 == 1 else None))
     return out
 
 
 def test_schema_is_the_record_schema():
-    assert tuple(SCHEMA.names) == SCHEMA_FIELDS
-    assert SCHEMA.field("image").nullable
+    assert tuple(SCHEMA.names) == SCHEMA_FIELDS + OPTIONAL_FIELDS
+    assert SCHEMA.field("image").nullable and SCHEMA.field("answers").nullable
+
+
+def test_shards_without_the_optional_columns_still_read(tmp_path):
+    recs = [r for r in _records(6) if r.answers is None]
+    write_shards(recs, tmp_path / "s")
+    path = tmp_path / "s" / "part-00000.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(list(OPTIONAL_FIELDS)), path)
+    assert read_shards(tmp_path / "s") == recs
 
 
 @pytest.mark.parametrize("n,rows,shards", [(1, 512, 1), (10, 3, 4), (12, 4, 3), (7, 100, 1)])
@@ -42,7 +51,7 @@ def test_a_folder_of_shards_is_written_once(tmp_path):
 
 def test_no_records_still_writes_the_schema(tmp_path):
     paths = write_shards([], tmp_path)
-    assert len(paths) == 1 and pq.read_schema(paths[0]).names == list(SCHEMA_FIELDS)
+    assert len(paths) == 1 and pq.read_schema(paths[0]).names == list(SCHEMA_FIELDS + OPTIONAL_FIELDS)
     assert read_shards(tmp_path) == []
 
 
