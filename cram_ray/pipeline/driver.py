@@ -83,7 +83,7 @@ RESERVED_RUN_IDS = ("datasets", "logs", "mlartifacts")
 def check_run_id(run_id: str) -> None:
     """Raise a one-line :class:`ConfigError` unless ``run_id`` names one new folder under the storage root."""
     if not RUN_ID.fullmatch(run_id) or run_id in RESERVED_RUN_IDS:
-        raise ConfigError(f"--run-id {printable(run_id)!r}: expected up to 128 letters, digits, '.', '_' or '-', "
+        raise ConfigError(f"--run-id '{printable(run_id)}': expected up to 128 letters, digits, '.', '_' or '-', "
                           f"starting with a letter or digit, other than {', '.join(RESERVED_RUN_IDS)}")
 
 

@@ -127,3 +127,14 @@ def test_a_damaged_ledger_reruns_from_the_damage_on(case, reference, cache_dir, 
     before = ALL_STAGES[:ALL_STAGES.index(stage)]
     assert done_stages(out) == [s for s in ALL_STAGES if s != stage]
     _resume_matches_reference(out, reference, cache_dir, capsys, before)
+
+
+def test_a_run_stores_nothing_a_resume_would_unpickle(reference):
+    """A resume reads back only safetensors, JSON and parquet: no file of the run is a pickle or a
+    torch.save archive (zip), whatever its name."""
+    kinds = {p.suffix or p.name for p in reference.rglob("*") if p.is_file()}
+    assert kinds <= {".safetensors", ".json", ".jsonl", ".parquet", ".png", ".lock"}, kinds
+    for path in reference.rglob("*"):
+        if path.is_file():
+            head = path.read_bytes()[:2]
+            assert head[:1] != b"\x80" and head != b"PK", path
