@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -66,6 +67,9 @@ def run_and_report(cfg: StreamConfig, *, out: Union[str, Path], run_id: Optional
     store = Storage(str(out))
     run_id = run_id or default_run_id(cfg)
     check_run_id(run_id)
+    # matplotlib would otherwise write its font cache and config folder under HOME: a run writes
+    # only to its output and the cache
+    os.environ.setdefault("MPLCONFIGDIR", str(Path(cfg.data.cache_dir).expanduser() / "matplotlib"))
     with RunLock(store).acquire(wait=lock_wait), tempfile.TemporaryDirectory(prefix="cram-out-") as tmp:
         # matplotlib and MLflow want local files: written in place when out is local, else here and uploaded
         files = store.local_path("") or Path(tmp) / "out"

@@ -10,9 +10,8 @@ from typing import Callable
 
 import pytest
 import yaml
-from conftest import TINY, one_error_line, run_stream, tree_digest
+from reliability_util import one_error_line, run_stream, tiny_builtin, tree_digest
 
-from cram_ray.config import load_config
 from cram_ray.data.builtin import generate_builtin
 
 
@@ -28,8 +27,7 @@ def _png_header(width: int, height: int) -> bytes:
 @pytest.fixture
 def user_bench(tmp_path) -> Path:
     """The smoke stream's built-in benchmark written as a user's benchmark folder (outside ``--out``)."""
-    cfg = load_config(None, [s for s in TINY if s != "--set"])
-    return generate_builtin(cfg.data.builtin, tmp_path / "bench")
+    return generate_builtin(tiny_builtin(), tmp_path / "bench")
 
 
 def _records(manifest: Path, task: str, split: str) -> tuple[Path, list]:

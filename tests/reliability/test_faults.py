@@ -8,8 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import (EACCES, ENOSPC, EROFS, RUN_ID, FailingDisk, done_stages, one_error_line, run_outputs,
-                      run_stream, summary_of)
+from reliability_util import (EACCES, ENOSPC, EROFS, RUN_ID, FailingDisk, done_stages, one_error_line,
+                              probe_chmod_blocks, run_outputs, run_stream, summary_of, tree_digest)
+
+import cram_ray.config as config
 
 ALL_STAGES = [f"task_{t}/{s}" for t in range(3) for s in ("probe", "allocate", "train", "aggregate", "evaluate")]
 
@@ -59,10 +61,6 @@ def test_a_failing_disk_stops_in_one_line_and_the_rerun_continues(case, referenc
 
 def test_a_read_only_out_found_at_the_start_is_one_line(finished_run, cache_dir, monkeypatch, capsys):
     """chmod takes the write bit off --out; as root (which chmod does not stop) os.access is told so."""
-    from conftest import probe_chmod_blocks, tree_digest
-
-    import cram_ray.config as config
-
     before = tree_digest(finished_run.parent)
     if not probe_chmod_blocks(finished_run):
         real = config.os.access
@@ -77,7 +75,8 @@ def test_a_read_only_out_found_at_the_start_is_one_line(finished_run, cache_dir,
     assert tree_digest(finished_run.parent) == before
 
 
-@pytest.mark.parametrize("where, kept", [("summary.json", ALL_STAGES), (f"{RUN_ID}/task_2/train/_DONE.json", ALL_STAGES[:12])])
+@pytest.mark.parametrize("where, kept", [("summary.json", ALL_STAGES),
+                                         (f"{RUN_ID}/task_2/train/_DONE.json", ALL_STAGES[:12])])
 def test_a_directory_where_a_file_belongs_is_one_line_then_resumes(where, kept, reference, cache_dir, tmp_path,
                                                                     capsys):
     out = tmp_path / "out"
