@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Callable
 
 from cram_ray.config import ConfigError, StreamConfig, environment_problems, load_config
-from cram_ray.data.records import DataError
+from cram_ray.data.records import DataError, printable
 from cram_ray.pipeline.ledger import normalize_location
 from cram_ray.pipeline.lock import RunLocked
 
@@ -86,9 +88,42 @@ EXTRA_OF_MODULE = {"ray": "ray", "deepspeed": "deepspeed", "optuna": "tune", "sk
                    "mlxtend": "builtin", "vega_datasets": "builtin"}
 
 
+# an operating-system failure a user can fix, and what to do; a rerun of the same command then
+# continues where it stopped (no stage is marked done before its files are written)
+_RERUN = "then rerun the same command to continue"
+OS_ADVICE = {
+    errno.ENOSPC: f"no space left on the device; free some space, {_RERUN}",
+    errno.EDQUOT: f"disk quota exceeded; free some space, {_RERUN}",
+    errno.EROFS: f"read-only file system; point --out at a writable place (or remount it), {_RERUN}",
+    errno.EACCES: f"permission denied; make it writable for this user or choose another --out, {_RERUN}",
+    errno.EPERM: f"operation not permitted; make it writable for this user or choose another --out, {_RERUN}",
+    errno.ENOTDIR: f"a file stands where a directory is expected; move it away or choose another --out, {_RERUN}",
+    errno.EISDIR: f"a directory stands where a file is expected; move it away or choose another --out, {_RERUN}",
+}
+
+
+def os_error_line(err: BaseException) -> str | None:
+    """One line for an operating-system failure in ``OS_ADVICE``, or None. The earliest such error
+    in the chain is the cause: later ones come from clean-up on the same full or read-only disk."""
+    cause, seen = None, set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in OS_ADVICE:
+            cause = err
+        err = err.__context__
+    if cause is None:
+        return None
+    where = cause.filename
+    if where is None:  # pyarrow's errors quote the path in their message instead
+        quoted = re.search(r"'([^']+)'", str(cause.strerror))
+        where = quoted.group(1) if quoted else cause.strerror
+    return f"{printable(str(where))}: {OS_ADVICE[cause.errno]}"
+
+
 def fail_cleanly(main: Callable[..., int]) -> Callable[..., int]:
-    """Bad input, or a missing optional dependency, ends the program with one clear line on stderr
-    and exit code 2."""
+    """Bad input, an operating-system failure a user can fix (disk full, read-only, a file where a
+    directory belongs), or a missing optional dependency, ends the program with one clear line on
+    stderr and exit code 2."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
@@ -98,7 +133,13 @@ def fail_cleanly(main: Callable[..., int]) -> Callable[..., int]:
             print(f"error: {err}", file=sys.stderr)
             return 2
         except FileNotFoundError as err:
-            print(f"error: {err.filename or err}: file not found", file=sys.stderr)
+            print(f"error: {printable(str(err.filename or err))}: file not found", file=sys.stderr)
+            return 2
+        except OSError as err:
+            line = os_error_line(err)
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
             return 2
         except ModuleNotFoundError as err:
             extra = EXTRA_OF_MODULE.get((err.name or "").split(".")[0])

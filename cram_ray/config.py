@@ -629,7 +629,10 @@ def environment_problems(cfg: StreamConfig) -> list[str]:
     if cfg.storage and not is_uri(cfg.storage):
         root = Path(cfg.storage.removeprefix("file://")).expanduser()
         existing = next(p for p in (root, *root.parents) if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        if not existing.is_dir():
+            problems.append(f"storage: expected a directory (or one that can be created), {existing} is a file; "
+                            f"choose another --out or move the file away")
+        elif not os.access(existing, os.W_OK | os.X_OK):
             problems.append(f"storage: expected a writable directory (or one that can be created), "
                             f"{existing} is not writable")
     if cfg.train.use_gpu and embedded_driver(cfg.train):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
 from cram_ray.config import ConfigError, StreamConfig, config_hash, flatten
-from cram_ray.data.records import DataError
+from cram_ray.data.records import DataError, printable
 from cram_ray.eval.metrics import summarize
 from cram_ray.pipeline.context import StageContext, TaskMeta
 from cram_ray.pipeline.ledger import STAGES, Ledger, StageResult, Storage
@@ -71,6 +72,19 @@ def default_run_id(cfg: StreamConfig) -> str:
     if cfg.data.benchmark:  # the built-in benchmark's content is its config and generator version
         tree["benchmark"] = benchmark_identity(cfg)[1].hash
     return f"{cfg.method.name}-{config_hash(tree)[:10]}"
+
+
+# one folder name under the storage root, so a run writes nowhere else (no '/', no '..')
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# folders of the storage root that are not runs
+RESERVED_RUN_IDS = ("datasets", "logs", "mlartifacts")
+
+
+def check_run_id(run_id: str) -> None:
+    """Raise a one-line :class:`ConfigError` unless ``run_id`` names one new folder under the storage root."""
+    if not RUN_ID.fullmatch(run_id) or run_id in RESERVED_RUN_IDS:
+        raise ConfigError(f"--run-id '{printable(run_id)}': expected up to 128 letters, digits, '.', '_' or '-', "
+                          f"starting with a letter or digit, other than {', '.join(RESERVED_RUN_IDS)}")
 
 
 # where a stream runs and how it survives faults, not what it computes: may differ on a resume

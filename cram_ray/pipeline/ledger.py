@@ -103,6 +103,8 @@ class Storage:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
 
     def read_bytes(self, rel: str) -> bytes:
+        if self.local:  # Python's error names the path and its errno (pyarrow's has neither for a directory)
+            return Path(self.path(rel)).read_bytes()
         with self.fs.open_input_stream(self.path(rel)) as fh:
             return fh.read()
 
@@ -111,11 +113,16 @@ class Storage:
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         if self.local:
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                # a full disk must not be left fuller by the half-written copy
+                Path(tmp).unlink(missing_ok=True)
+                raise
         else:  # object stores make a single put visible atomically
             with self.fs.open_output_stream(target) as fh:
                 fh.write(data)

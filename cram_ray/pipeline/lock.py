@@ -138,12 +138,14 @@ class RunLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        holder = self._holder()
-        if holder is not None and holder.get("token") == self.owner["token"]:
-            self.storage.remove(LOCK_FILE)
-        if self._file_lock is not None:
-            self._file_lock.release()
-            self._file_lock = None
+        try:
+            holder = self._holder()
+            if holder is not None and holder.get("token") == self.owner["token"]:
+                self.storage.remove(LOCK_FILE)
+        finally:  # on a disk gone read-only the description stays, but the lock itself must go
+            if self._file_lock is not None:
+                self._file_lock.release()
+                self._file_lock = None
 
     def __enter__(self) -> "RunLock":
         return self if self.held else self.acquire()

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from cram_ray.config import StreamConfig
-from cram_ray.pipeline.driver import LocalExecutor, default_run_id, format_matrix, run_stream
+from cram_ray.pipeline.driver import LocalExecutor, check_run_id, default_run_id, format_matrix, run_stream
 from cram_ray.pipeline.ledger import Storage
 from cram_ray.pipeline.lock import RunLock
 from cram_ray.pipeline.logs import log_file, set_log_dir
@@ -65,6 +66,10 @@ def run_and_report(cfg: StreamConfig, *, out: Union[str, Path], run_id: Optional
     """
     store = Storage(str(out))
     run_id = run_id or default_run_id(cfg)
+    check_run_id(run_id)
+    # matplotlib would otherwise write its font cache and config folder under HOME: a run writes
+    # only to its output and the cache
+    os.environ.setdefault("MPLCONFIGDIR", str(Path(cfg.data.cache_dir).expanduser() / "matplotlib"))
     with RunLock(store).acquire(wait=lock_wait), tempfile.TemporaryDirectory(prefix="cram-out-") as tmp:
         # matplotlib and MLflow want local files: written in place when out is local, else here and uploaded
         files = store.local_path("") or Path(tmp) / "out"
