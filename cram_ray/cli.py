@@ -102,15 +102,29 @@ OS_ADVICE = {
 }
 
 
+def _linked(err: BaseException) -> list[BaseException]:
+    """The exceptions ``err`` carries: Python's chain, Ray's ``cause`` (the worker's own exception
+    inside a RayTaskError) and Ray Train's per-worker failures."""
+    found = [getattr(err, "cause", None), err.__cause__, err.__context__]
+    failures = getattr(err, "worker_failures", None)
+    if isinstance(failures, dict):
+        found.extend(failures.values())
+    return [e for e in found if isinstance(e, BaseException)]
+
+
 def os_error_line(err: BaseException) -> str | None:
-    """One line for an operating-system failure in ``OS_ADVICE``, or None. The earliest such error
-    in the chain is the cause: later ones come from clean-up on the same full or read-only disk."""
-    cause, seen = None, set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in OS_ADVICE:
-            cause = err
-        err = err.__context__
+    """One line for an operating-system failure in ``OS_ADVICE``, or None. The deepest such error is
+    the cause: later ones come from clean-up on the same full or read-only disk, and a Ray worker's
+    error reaches the driver wrapped in Ray's own exceptions."""
+    cause, seen, todo = None, set(), [err]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in OS_ADVICE:
+            cause = e
+        todo.extend(_linked(e))
     if cause is None:
         return None
     where = cause.filename
@@ -147,6 +161,12 @@ def fail_cleanly(main: Callable[..., int]) -> Callable[..., int]:
                 raise
             print(f"error: this needs {err.name}, which the core install leaves out: pip install 'cram_ray[{extra}]'",
                   file=sys.stderr)
+            return 2
+        except Exception as err:  # a Ray task's or Train worker's OS failure, wrapped by Ray
+            line = os_error_line(err)
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
             return 2
 
     return wrapper

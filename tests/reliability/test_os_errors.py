@@ -44,3 +44,41 @@ def test_other_os_errors_keep_their_traceback():
 
     with pytest.raises(ConnectionResetError):
         main()
+
+
+def test_a_ray_workers_os_error_is_one_line_on_the_driver(capsys):
+    """A stage task on Ray that hit a full disk reaches the driver as Ray's RayTaskError (an OSError
+    subclass without the errno); the worker's own exception inside names the path."""
+    from ray.exceptions import RayTaskError
+
+    worker = OSError(errno.ENOSPC, "No space left on device", "/out/r/task_0/evaluate/predictions.jsonl")
+    wrapped = RayTaskError("_stage_task", "Traceback (most recent call last): ...", worker).as_instanceof_cause()
+
+    @fail_cleanly
+    def main() -> int:
+        raise wrapped
+
+    assert main() == 2
+    assert capsys.readouterr().err == f"error: /out/r/task_0/evaluate/predictions.jsonl: {OS_ADVICE[errno.ENOSPC]}\n"
+
+
+def test_a_train_workers_os_error_is_found_among_its_worker_failures(capsys):
+    """Ray Train reports a failed worker group with each rank's exception in ``worker_failures``."""
+    from ray.train import WorkerGroupError
+
+    @fail_cleanly
+    def main() -> int:
+        raise WorkerGroupError("worker group failed",
+                               {0: OSError(errno.EROFS, "Read-only file system", "/out/r/train_runs/ckpt")})
+
+    assert main() == 2
+    assert capsys.readouterr().err == f"error: /out/r/train_runs/ckpt: {OS_ADVICE[errno.EROFS]}\n"
+
+
+def test_any_other_failure_keeps_its_traceback():
+    @fail_cleanly
+    def main() -> int:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError):
+        main()
