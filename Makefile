@@ -9,6 +9,7 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install test test-cluster test-all test-fast demo bench clean
 

@@ -12,6 +12,8 @@ Subcommands:
          in one run; last line ``ratio X`` (Ray / in-process)
   prepare  workflows/prepare_data.py on a generated LLaVA-JSON benchmark of N 96x96 JPEG records:
          records per second and the preparing process's peak RSS (several sizes: its growth)
+  omp    training seconds of a short tiny-cpu stream with torch's OpenMP threads spinning (ACTIVE)
+         vs sleeping (PASSIVE) at barriers, alternated in one run; last line ``ratio X`` (ACTIVE / PASSIVE)
   stream a whole stream on Ray over a generated JPEG benchmark of N records (smoke model, a few steps
          per task): the driver's peak RSS while it prepares the shards, trains, aggregates and
          evaluates, and the stream's wall time
@@ -23,10 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from cram_ray.cli import fail_cleanly  # first: cram_ray sets torch's OpenMP wait policy
 
 import torch
 
-from cram_ray.cli import fail_cleanly
 from cram_ray.methods.cram.rank import allocate
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -516,6 +518,37 @@ def bench_stream(args: argparse.Namespace) -> None:
         print(f"driver peak RSS {peak:.0f} MB")
 
 
+def bench_omp(args: argparse.Namespace) -> None:
+    """The same short stream (one task, ``--steps`` LoRA-FT steps, in-process) in child processes
+    that differ only in OMP_WAIT_POLICY, alternated so both see the same background load."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    seconds: dict[str, list[float]] = {"ACTIVE": [], "PASSIVE": []}
+    with tempfile.TemporaryDirectory(prefix="cram-bench-omp-", dir=args.tmp) as tmp:
+        for round_ in range(args.rounds):
+            for policy in seconds:
+                out = Path(tmp) / f"{policy}-{round_}"
+                cmd = [sys.executable, str(Path(__file__).resolve().parent / "stream.py"), "--config", args.config,
+                       "--executor", "local", "--method", "lora_ft", "--out", str(out),
+                       "--set", f"data.builtin.tasks=[{args.task}]", "--set", f"train.steps_per_task={args.steps}",
+                       "--set", "tracking.enabled=false"]
+                proc = subprocess.run(cmd, env={**os.environ, "OMP_WAIT_POLICY": policy},
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"error: bench.py omp: stream.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+                train = json.loads((out / "summary.json").read_text())["stage_seconds"]["train"]
+                seconds[policy].append(train)
+                print(f"round {round_ + 1} {policy:7s}: train stage {train:6.1f} s for {args.steps} steps "
+                      f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    active, passive = (sum(v) / len(v) for v in seconds.values())
+    print(f"machine: {os.cpu_count()} cores; {args.config}, task {args.task}")
+    print(f"mean train stage: ACTIVE {active:.1f} s, PASSIVE {passive:.1f} s")
+    print(f"ratio {active / passive:.3f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -569,6 +602,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--executor", choices=["local", "ray"], default="local")
     prep.add_argument("--tmp", default=None, help="folder for the generated benchmark (default: the system's)")
     prep.set_defaults(func=bench_prepare)
+    omp = sub.add_parser("omp", help="training time with OpenMP threads spinning vs sleeping at barriers")
+    omp.add_argument("--config", default=str(CONFIGS / "tiny-cpu.yaml"))
+    omp.add_argument("--task", default="choice")
+    omp.add_argument("--steps", type=int, default=30)
+    omp.add_argument("--rounds", type=int, default=2)
+    omp.add_argument("--tmp", default=None)
+    omp.set_defaults(func=bench_omp)
     stream = sub.add_parser("stream", help="driver peak RSS of a Ray stream over a generated JPEG benchmark")
     stream.add_argument("--records", type=int, default=3000)
     stream.add_argument("--tasks", type=int, default=4)

@@ -35,7 +35,9 @@ MIN_LOCAL_CPUS = 4
 LOOPBACK = "127.0.0.1"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the cram_ray package this driver runs
 # Set on every worker when the driver does not set them: a worker never reaches a model hub.
-WORKER_ENV_DEFAULTS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+# OMP_WAIT_POLICY: torch's OpenMP threads sleep rather than spin at barriers (cram_ray/__init__.py).
+WORKER_ENV_DEFAULTS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                       "OMP_WAIT_POLICY": "PASSIVE"}
 # Passed on when the driver sets them; unset, the worker keeps its own (fit.py defaults the op cache).
 WORKER_ENV_FORWARDED = ("TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM")
 SHIP_EXCLUDES = ["__pycache__", "*.pyc"]

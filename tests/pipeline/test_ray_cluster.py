@@ -11,12 +11,13 @@ JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def test_a_plain_driver_ships_its_package_and_the_workers_environment():
-    env = attach_runtime_env({"TORCH_EXTENSIONS_DIR": "/opt/ops", "HF_HUB_OFFLINE": "0"})
+    env = attach_runtime_env({"TORCH_EXTENSIONS_DIR": "/opt/ops", "HF_HUB_OFFLINE": "0", "OMP_WAIT_POLICY": "ACTIVE"})
     assert env["py_modules"] == [str(PACKAGE_DIR)] and (PACKAGE_DIR / "pipeline/ray_cluster.py").is_file()
     assert "__pycache__" in env["excludes"]
     # the driver's own choices travel; unset hub switches default to offline
     assert env["env_vars"] == {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                               "TORCH_EXTENSIONS_DIR": "/opt/ops"}
+                               "OMP_WAIT_POLICY": "ACTIVE", "TORCH_EXTENSIONS_DIR": "/opt/ops"}
+    assert attach_runtime_env({})["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
 def test_a_submitted_job_with_a_working_dir_ships_nothing_twice():
