@@ -1,12 +1,14 @@
 """The Ray executor: every stage of the stream on a Ray cluster, with the in-process stages' outputs.
 
-* probe, allocate, train — ONE Ray Train run per task (cram_ray/train/trainer.py): starting a
-  TorchTrainer costs ~25-30 s here, so a task's three sub-stages share one (``fuse=True``). The run
-  commits each sub-stage's outputs and marker as it finishes them, so ``run(ctx, t, "probe")``
-  launches the run and returns the probe's result, and the driver's following calls for
-  ``allocate`` and ``train`` return what the same run already committed. With ``fuse=False``
-  probe and train are separate Train runs and allocate a CPU task.
-* aggregate, evaluate — Ray Data batch inference (``map_batches`` on an actor pool,
+* probe, allocate, train and, with ``train.fuse_eval`` (the default), aggregate and evaluate — ONE
+  Ray Train run per task (cram_ray/train/trainer.py): starting a TorchTrainer costs ~20 s here and
+  an actor pool for a Ray Data stage ~15 s, more than the stages compute on small models, so a
+  task's stages share one run's warm workers (``fuse=True``). The run commits each sub-stage's
+  outputs and marker as it finishes them, so ``run(ctx, t, "probe")`` launches the run and returns
+  the probe's result, and the driver's following calls return what the same run already committed.
+  With ``fuse=False`` probe and train are separate Train runs and allocate a CPU task.
+* aggregate, evaluate run on their own (``train.fuse_eval: false``, or a resumed run that finds
+  train done but not them) — Ray Data batch inference (``map_batches`` on an actor pool,
   cram_ray/pipeline/ray_data_stages.py), coordinated by a Ray task.
 * every coordinating task is ``@ray.remote(max_retries=train.stage_retries, retry_exceptions=True)``;
   stage outputs are idempotent (written to a scratch directory, committed with a marker last).
@@ -15,7 +17,7 @@ The driver runs a stage only when its marker does not verify, and invalidates th
 A sub-stage this executor's fused run committed in the current session is still valid (its inputs
 were produced by the same run, in order): its marker, deleted by the driver, is written back as
 it was. Launching a fused run invalidates the markers of the sub-stages after the requested one,
-which depend on it, so a rerun never reuses a stale allocation or expert.
+which depend on it, so a rerun never reuses a stale allocation, expert or evaluation.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ from cram_ray.pipeline.context import StageContext
 from cram_ray.pipeline.ledger import MARKER, StageResult
 from cram_ray.pipeline.ray_cluster import connect
 
-FUSED = ("probe", "allocate", "train")
+TRAIN_RUN = ("probe", "allocate", "train")
+WARM = ("aggregate", "evaluate")  # joined to the Train run with train.fuse_eval
 
 
 def _commit_stage(ctx: StageContext, task: int, stage: str, func: Callable[[StageContext, int, Path], StageResult]) -> StageResult:
@@ -70,11 +73,11 @@ def _stage_task(ctx_json: dict[str, Any], task: int, stage: str, on_ray_data: bo
     return execute_stage(ctx, task, stage).to_json()
 
 
-def _fused_task(ctx_json: dict[str, Any], task: int, stages: list[str], source: str) -> dict[str, Any]:
+def _fused_task(ctx_json: dict[str, Any], task: int, stages: list[str], source: str, threads: int) -> dict[str, Any]:
     """A task's fused Train run, launched from a plain task (see RayExecutor._train_run)."""
     from cram_ray.train.trainer import run_fused
 
-    return run_fused(StageContext.from_json(ctx_json), task, stages, source)
+    return run_fused(StageContext.from_json(ctx_json), task, stages, source, threads)
 
 
 def _processor_source(ctx_json: dict[str, Any]) -> str:
@@ -124,6 +127,9 @@ class RayExecutor:
     # -- the executor protocol -------------------------------------------------------------
     def run(self, ctx: StageContext, task: int, stage: str) -> StageResult:
         self._connect()
+        restored = self._restore_marker(ctx, task, stage)
+        if restored is not None:
+            return restored
         if stage in ("probe", "train") or (stage == "allocate" and self.fuse):
             return self._train_run(ctx, task, stage)
         on_ray_data = stage in ("aggregate", "evaluate")
@@ -141,27 +147,25 @@ class RayExecutor:
         from cram_ray.train.trainer import run_fused
 
         ledger = ctx.ledger
-        restored = self._restore_marker(ctx, task, stage)
-        if restored is not None:
-            return restored
-        stages = list(FUSED[FUSED.index(stage):]) if self.fuse else [stage]
+        fused = TRAIN_RUN + WARM if self.cfg.train.fuse_eval else TRAIN_RUN
+        stages = list(fused[fused.index(stage):]) if self.fuse else [stage]
         for later in stages[1:]:
             ledger.invalidate(task, later)
         source = self.source(ctx)
         self.log(f"[ray] task {task}: Train run for {' -> '.join(stages)}")
         if ray.util.get_current_placement_group() is None:
-            timing = run_fused(ctx, task, stages, source)
+            timing = run_fused(ctx, task, stages, source, torch.get_num_threads())
         else:
             # The driver runs inside a placement group that captures child tasks (a Tune trial): a
             # TorchTrainer started here would inherit that capture down to its workers, whose Ray
             # Data tasks would then be forced into a worker's own one-CPU bundle. Start it from a
             # plain task scheduled on the cluster, as a standalone driver would.
             remote = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy="DEFAULT")(_fused_task)
-            timing = ray.get(remote.remote(ctx.to_json(), task, stages, source))
+            timing = ray.get(remote.remote(ctx.to_json(), task, stages, source, torch.get_num_threads()))
         timing.update({"task": task, "stages": stages})
         self.timings.append(timing)
         self.log(f"[ray] task {task}: Train run finished in {timing['wall']:.1f}s")
-        for s in stages:
+        for s in stages[1:]:
             marker = ledger.marker(task, s)
             if marker is not None:
                 self._fresh[(task, s)] = ledger.storage.read_bytes(f"{ledger.rel(task, s)}/{MARKER}")

@@ -1,4 +1,5 @@
-"""The TorchTrainer of a task's fused probe -> allocate -> train run, and its Ray Data input.
+"""The TorchTrainer of a task's fused run (probe -> allocate -> train [-> aggregate -> evaluate]), and its
+Ray Data input.
 
 :func:`make_trainer` wires the pieces: ``ScalingConfig`` from ``train.num_workers`` /
 ``cpus_per_worker`` / ``use_gpu``; ``RunConfig`` under ``<storage>/<run_id>/train_runs`` with the
@@ -150,8 +151,10 @@ def sort_boundaries(rows: int, per_partition: int = ROWS_PER_PARTITION) -> list[
     return [max(1, rows * k // parts) for k in range(1, parts)]
 
 
-def make_trainer(ctx: StageContext, task: int, stages: list[str], source: str) -> tuple[TorchTrainer, StreamPlan]:
-    """The TorchTrainer of one fused run over ``stages`` (a suffix of probe, allocate, train)."""
+def make_trainer(ctx: StageContext, task: int, stages: list[str], source: str,
+                 threads: int = 1) -> tuple[TorchTrainer, StreamPlan]:
+    """The TorchTrainer of one fused run over ``stages`` (consecutive stages from probe, allocate or
+    train on). ``threads``: the driver's intra-op thread count (warm_eval.aggregate_on_workers)."""
     train = ctx.cfg.train
     if train.ingest == "stream":
         ds, plan = stream_dataset(ctx, task, stages, source)
@@ -160,7 +163,8 @@ def make_trainer(ctx: StageContext, task: int, stages: list[str], source: str) -
     else:
         ds, plan = train_dataset(ctx, task, stages)
         data_config = RankSplit(source, task, plan)
-    config: dict[str, Any] = {"ctx": ctx.to_json(), "task": task, "stages": stages, "plan": plan.to_json()}
+    config: dict[str, Any] = {"ctx": ctx.to_json(), "task": task, "stages": stages, "plan": plan.to_json(),
+                              "threads": threads}
     if os.environ.get(FAULT_ENV):
         config[FAULT_KEY] = json.loads(os.environ[FAULT_ENV])
     trainer = TorchTrainer(
@@ -181,10 +185,10 @@ def make_trainer(ctx: StageContext, task: int, stages: list[str], source: str) -
     return trainer, plan
 
 
-def run_fused(ctx: StageContext, task: int, stages: list[str], source: str) -> dict[str, Any]:
+def run_fused(ctx: StageContext, task: int, stages: list[str], source: str, threads: int = 1) -> dict[str, Any]:
     """Fit one fused run; returns timings (the sub-stages' results are in the ledger)."""
     t0 = time.time()
-    trainer, plan = make_trainer(ctx, task, stages, source)
+    trainer, plan = make_trainer(ctx, task, stages, source, threads)
     t_built = time.time()
     result = trainer.fit()
     wall = time.time() - t0
