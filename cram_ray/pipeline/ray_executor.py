@@ -25,6 +25,7 @@ import json
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -105,6 +106,8 @@ class RayExecutor:
         self.mode: Optional[str] = None
         self._source: Optional[str] = None
         self._fresh: dict[tuple[int, str], bytes] = {}  # markers committed by fused runs of this session
+        self._ahead: dict[int, Future] = {}  # task -> its training dataset, being built
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cram-data-ahead")
         self.timings: list[dict[str, Any]] = []  # one entry per Train run: wall, build, worker timings
 
     # -- plumbing --------------------------------------------------------------------------
@@ -153,8 +156,13 @@ class RayExecutor:
             ledger.invalidate(task, later)
         source = self.source(ctx)
         self.log(f"[ray] task {task}: Train run for {' -> '.join(stages)}")
+        waited = 0.0
         if ray.util.get_current_placement_group() is None:
-            timing = run_fused(ctx, task, stages, source, torch.get_num_threads())
+            t0 = time.time()
+            dataset = self._dataset(ctx, task)
+            waited = time.time() - t0
+            self._read_ahead(ctx, task + 1, source)
+            timing = run_fused(ctx, task, stages, source, torch.get_num_threads(), dataset)
         else:
             # The driver runs inside a placement group that captures child tasks (a Tune trial): a
             # TorchTrainer started here would inherit that capture down to its workers, whose Ray
@@ -162,15 +170,15 @@ class RayExecutor:
             # plain task scheduled on the cluster, as a standalone driver would.
             remote = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy="DEFAULT")(_fused_task)
             timing = ray.get(remote.remote(ctx.to_json(), task, stages, source, torch.get_num_threads()))
-        timing.update({"task": task, "stages": stages})
+        timing.update({"task": task, "stages": stages, "data_wait": waited})
         self.timings.append(timing)
         markers = {s: ledger.marker(task, s) for s in stages}
         in_stages = sum(float(m["result"]["seconds"]) for m in markers.values() if m is not None)
         # what is neither the data set-up nor a stage (whose first includes the worker's start) is the
         # TorchTrainer's own: controller, placement group, worker processes, process group, teardown
-        self.log(f"[ray] task {task}: Train run finished in {timing['wall']:.1f}s: {timing['build']:.1f}s "
-                 f"reading and decoding its data, {in_stages:.1f}s in its stages, "
-                 f"{timing['wall'] - timing['build'] - in_stages:.1f}s TorchTrainer set-up and teardown")
+        self.log(f"[ray] task {task}: waited {waited:.1f}s for the data read ahead; Train run finished in "
+                 f"{timing['wall']:.1f}s: {timing['build']:.1f}s building its dataset and trainer, {in_stages:.1f}s "
+                 f"in its stages, {timing['wall'] - timing['build'] - in_stages:.1f}s TorchTrainer set-up and teardown")
         for s in stages[1:]:
             if markers[s] is not None:
                 self._fresh[(task, s)] = ledger.storage.read_bytes(f"{ledger.rel(task, s)}/{MARKER}")
@@ -178,6 +186,25 @@ class RayExecutor:
         if result is None:
             raise RuntimeError(f"task {task}: the Train run ended without committing {stage}")
         return result
+
+    def _read_ahead(self, ctx: StageContext, task: int, source: str) -> None:
+        """Start building ``task``'s training dataset. A Train run of one worker keeps one core busy;
+        reading and decoding the next task's data on another takes that off the next run's start."""
+        from cram_ray.train.trainer import stream_dataset
+
+        if self.cfg.train.ingest == "stream" and task < len(ctx.tasks) and task not in self._ahead:
+            self._ahead[task] = self._reader.submit(stream_dataset, ctx, task, source)
+
+    def _dataset(self, ctx: StageContext, task: int) -> Any:
+        """The dataset built ahead for ``task``, or None (the Train run then builds it)."""
+        future = self._ahead.pop(task, None)
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except Exception as err:  # built again, in the Train run's own set-up, where a failure stops it
+            self.log(f"[ray] task {task}: reading its data ahead failed ({err!r}); reading it again")
+            return None
 
     def _restore_marker(self, ctx: StageContext, task: int, stage: str) -> Optional[StageResult]:
         """A sub-stage committed by this session's fused run: its marker back in place."""
