@@ -319,6 +319,9 @@ class TrainConfig:
     # worker's rows (docs/performance.md); "exact" = the in-process executor's batches (tests)
     ingest: Literal["stream", "exact"] = "stream"
     shuffle_buffer: int = 512  # rows a Train worker shuffles at a time ("stream" ingest)
+    # Ray: aggregate and evaluate inside the task's Train run, on its warm workers (and their GPUs);
+    # false = each as Ray Data batch inference on its own actor pool (the path a resumed stage takes)
+    fuse_eval: bool = True
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (-1, 0, 1, 2, 3):

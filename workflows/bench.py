@@ -318,7 +318,7 @@ def bench_ingest(args: argparse.Namespace) -> None:
 
         connect(train)
         t_data = time.perf_counter()
-        ds, _ = stream_dataset(ctx, 0, [], source)  # as the stream does: materialised when small
+        ds = stream_dataset(ctx, 0, source)  # as the stream does: materialised when small
         data_s = time.perf_counter() - t_data
         trainer = TorchTrainer(
             _ingest_worker,

@@ -89,7 +89,7 @@ def check_run_id(run_id: str) -> None:
 
 # where a stream runs and how it survives faults, not what it computes: may differ on a resume
 RESUMABLE_KEYS = ("storage", "train.executor", "train.ray_address", "train.max_failures", "train.stage_retries",
-                  "train.checkpoint_every", "tracking.", "tune.")
+                  "train.checkpoint_every", "train.fuse_eval", "tracking.", "tune.")
 
 
 def benchmark_identity(cfg: StreamConfig) -> tuple[Any, Any]:

@@ -131,13 +131,23 @@ def stage_aggregate_ray(ctx: StageContext, task: int, workdir: Path) -> StageRes
             seen += int(row["rows"])
             ready.append(float(row["ready"]))
         startup = min(ready, default=t0) - t0  # until the first actor could compute: restores and the pool's start
-        if seen != ctx.tasks[task].n_train:
-            raise RuntimeError(f"aggregate: observed {seen} of task {task}'s {ctx.tasks[task].n_train} records")
+        check_observed(ctx, task, seen)
+    report = finish_aggregate(method)
+    save_state(method, workdir)
+    return StageResult("aggregate", task, report, time.time() - t0, startup)
+
+
+def check_observed(ctx: StageContext, task: int, seen: int) -> None:
+    if seen != ctx.tasks[task].n_train:
+        raise RuntimeError(f"aggregate: observed {seen} of task {task}'s {ctx.tasks[task].n_train} records")
+
+
+def finish_aggregate(method: Any) -> dict[str, Any]:
+    """The aggregate stage's report once its statistics are merged: ``end_task`` and the task's size."""
     report = method.end_task()
     report["params_added"] = method.params_added()
     report["ranks"] = method.ranks()
-    save_state(method, workdir)
-    return StageResult("aggregate", task, report, time.time() - t0, startup)
+    return report
 
 
 # -- evaluate --------------------------------------------------------------------------------
@@ -158,32 +168,35 @@ class Evaluator:
         out: dict[str, list[Any]] = {"split": [], "id": [], "row": []}
         for k in np.unique(rows["split"]):  # a batch may hold the end of one split and the start of the next
             mine = rows["split"] == k
-            for row in self._answer(self.splits[int(k)], records_of({c: v[mine] for c, v in rows.items()})):
+            recs = records_of({c: v[mine] for c, v in rows.items()})
+            for row in answer_batch(self.ctx, self.rt, self.vlm, self.method, self.device, self.splits[int(k)], recs):
                 out["split"].append(int(k))
                 out["id"].append(row["id"])
                 out["row"].append(json.dumps(row))
         return {"split": np.array(out["split"], dtype=np.int64), "id": np.array(out["id"], dtype=object),
                 "row": np.array(out["row"], dtype=object), "ready": np.full(len(out["id"]), self.ready)}
 
-    def _answer(self, i: int, recs) -> list[dict[str, Any]]:
-        from cram_ray.eval.scorers import score
-        from cram_ray.pipeline.stages import with_features
+def answer_batch(ctx: StageContext, rt: Any, vlm: Any, method: Any, device: torch.device, i: int,
+                 recs: list[Any]) -> list[dict[str, Any]]:
+    """Route, generate greedily and score one batch of task ``i``'s test records (one row each)."""
+    from cram_ray.eval.scorers import score
+    from cram_ray.pipeline.stages import with_features
 
-        batch = with_features(self.rt.vlm.processor.prompt_batch(recs, [i] * len(recs)), self.method, self.rt)
-        if self.device.type != "cpu":
-            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with torch.no_grad():
-            self.method.route(batch, training=False)
-            preds = self.vlm.generate(batch, self.ctx.cfg.data.max_answer_len)
-        choice = self.method.routed_task()
-        rows = []
-        for j, (rec, pred) in enumerate(zip(recs, preds)):
-            row = {"id": rec.id, "task": rec.task, "prediction": pred, "answer": rec.answer,
-                   "score": score(rec.metric, pred, rec.reference)}
-            if choice is not None:
-                row["routed_task"] = int(choice[j])
-            rows.append(row)
-        return rows
+    batch = with_features(rt.vlm.processor.prompt_batch(recs, [i] * len(recs)), method, rt)
+    if device.type != "cpu":
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with torch.no_grad():
+        method.route(batch, training=False)
+        preds = vlm.generate(batch, ctx.cfg.data.max_answer_len)
+    choice = method.routed_task()
+    rows = []
+    for j, (rec, pred) in enumerate(zip(recs, preds)):
+        row = {"id": rec.id, "task": rec.task, "prediction": pred, "answer": rec.answer,
+               "score": score(rec.metric, pred, rec.reference)}
+        if choice is not None:
+            row["routed_task"] = int(choice[j])
+        rows.append(row)
+    return rows
 
 
 def stage_evaluate_ray(ctx: StageContext, task: int, workdir: Path) -> StageResult:
@@ -199,17 +212,25 @@ def stage_evaluate_ray(ctx: StageContext, task: int, workdir: Path) -> StageResu
         by_id[(int(r["split"]), str(r["id"]))] = json.loads(r["row"])
         ready.append(float(r["ready"]))
     startup = min(ready, default=t0) - t0  # until the first actor could answer: the pool's start and restores
+    storage = ctx.storage
+    per_task = []
+    for i in splits:
+        ids = shard_ids(storage, shard_paths(storage, ctx.shard_rel(i, "test")))  # the in-process order
+        missing = [rid for rid in ids if (i, rid) not in by_id]
+        if missing or len(ids) != ctx.tasks[i].n_test:
+            raise RuntimeError(f"evaluate: task {i} has no prediction for {len(missing)} of its "
+                               f"{len(ids)} test records (first: {missing[:1]})")
+        per_task.append([by_id[(i, rid)] for rid in ids])
+    return StageResult("evaluate", task, write_evaluation(workdir, task, per_task), time.time() - t0, startup)
+
+
+def write_evaluation(workdir: Path, task: int, per_task: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """``predictions.jsonl`` (tasks 0..task, each in its shards' order) and the evaluate stage's report:
+    the accuracy row, and where the method routes, the routing confusion and accuracy."""
     row: list[float] = []
     confusion: list[list[int]] = []
     with open(workdir / "predictions.jsonl", "w") as fh:
-        for i in splits:
-            storage = ctx.storage
-            ids = shard_ids(storage, shard_paths(storage, ctx.shard_rel(i, "test")))  # the in-process order
-            missing = [rid for rid in ids if (i, rid) not in by_id]
-            if missing or len(ids) != ctx.tasks[i].n_test:
-                raise RuntimeError(f"evaluate: task {i} has no prediction for {len(missing)} of its "
-                                   f"{len(ids)} test records (first: {missing[:1]})")
-            rows = [by_id[(i, rid)] for rid in ids]
+        for rows in per_task:
             for r in rows:
                 fh.write(json.dumps(r) + "\n")
             row.append(100.0 * float(np.mean([r["score"] for r in rows])))
@@ -221,4 +242,4 @@ def stage_evaluate_ray(ctx: StageContext, task: int, workdir: Path) -> StageResu
         report["confusion"] = confusion
         report["routing_accuracy"] = 100.0 * sum(confusion[i][i] for i in range(len(confusion))) / max(
             1, sum(map(sum, confusion)))
-    return StageResult("evaluate", task, report, time.time() - t0, startup)
+    return report

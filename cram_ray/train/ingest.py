@@ -67,6 +67,25 @@ def shard_ids(storage: Storage, paths: Sequence[str]) -> list[str]:
     return ids
 
 
+def read_rows(storage: Storage, paths: Sequence[str], start: int, stop: int) -> list[Record]:
+    """Records ``[start, stop)`` of a split in ``read_shards`` order; only the shards holding them
+    are read (a Train worker evaluating its slice need not fetch the whole split)."""
+    import pyarrow.parquet as pq
+
+    out: list[Record] = []
+    offset = 0
+    for path in paths:
+        if offset >= stop:
+            break
+        n = pq.read_metadata(path, filesystem=storage.fs).num_rows
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            table = pq.read_table(path, filesystem=storage.fs).slice(lo - offset, hi - lo)
+            out.extend(Record.from_row(row) for row in table.to_pylist())
+        offset += n
+    return out
+
+
 def positions_of(ids: Sequence[str], where: str) -> dict[str, int]:
     """``id -> position``; ids must be unique within a split to locate rows in a distributed read."""
     pos = {rid: i for i, rid in enumerate(ids)}

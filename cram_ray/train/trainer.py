@@ -1,4 +1,5 @@
-"""The TorchTrainer of a task's fused probe -> allocate -> train run, and its Ray Data input.
+"""The TorchTrainer of a task's fused run (probe -> allocate -> train [-> aggregate -> evaluate]), and its
+Ray Data input.
 
 :func:`make_trainer` wires the pieces: ``ScalingConfig`` from ``train.num_workers`` /
 ``cpus_per_worker`` / ``use_gpu``; ``RunConfig`` under ``<storage>/<run_id>/train_runs`` with the
@@ -104,25 +105,26 @@ def decoded_bytes(ctx: StageContext, task: int) -> int:
     return ctx.tasks[task].n_train * (3 * size * size * 4 + 8 * (ctx.cfg.data.max_text_len + ctx.cfg.data.max_answer_len))
 
 
-def stream_dataset(ctx: StageContext, task: int, plan_stages: list[str], source: str):
-    """(dataset, plan) of the stream ingest: the task's rows read once, decoded and tokenised.
+def stream_dataset(ctx: StageContext, task: int, source: str):
+    """The stream ingest's dataset: the task's rows read once, decoded and tokenised.
 
     Every epoch of a streaming split re-executes its dataset; when the decoded rows take at most
     ``CACHE_FRACTION`` of the object store they are materialised once (Ray Data's advice for data
-    that fits), so later epochs only hand out blocks. Larger tasks stream every epoch.
+    that fits), so later epochs only hand out blocks. Larger tasks stream every epoch. It does not
+    depend on which stages the run holds, so it can be built before its run (the executor reads the
+    next task's data while a task trains).
     """
     import ray
     import ray.data
 
     storage = ctx.storage
     paths = shard_paths(storage, ctx.shard_rel(task, "train"))
-    plan = plan_for(ctx, task, plan_stages, ctx.tasks[task].n_train)
     ds = ray.data.read_parquet(paths, filesystem=storage.fs)
     ds = ds.map_batches(encode_rows, fn_kwargs={"source": source, "task": task}, batch_format="numpy", batch_size=64)
     store = ray.cluster_resources().get("object_store_memory", 0)
     if decoded_bytes(ctx, task) <= CACHE_FRACTION * store:
         ds = ds.materialize()
-    return ds, plan
+    return ds
 
 
 def train_dataset(ctx: StageContext, task: int, plan_stages: list[str]):
@@ -150,17 +152,22 @@ def sort_boundaries(rows: int, per_partition: int = ROWS_PER_PARTITION) -> list[
     return [max(1, rows * k // parts) for k in range(1, parts)]
 
 
-def make_trainer(ctx: StageContext, task: int, stages: list[str], source: str) -> tuple[TorchTrainer, StreamPlan]:
-    """The TorchTrainer of one fused run over ``stages`` (a suffix of probe, allocate, train)."""
+def make_trainer(ctx: StageContext, task: int, stages: list[str], source: str, threads: int = 1,
+                 dataset: Any = None) -> tuple[TorchTrainer, StreamPlan]:
+    """The TorchTrainer of one fused run over ``stages`` (consecutive stages from probe, allocate or
+    train on). ``threads``: the driver's intra-op thread count (warm_eval.aggregate_on_workers);
+    ``dataset``: the task's :func:`stream_dataset` when it was built ahead (stream ingest)."""
     train = ctx.cfg.train
     if train.ingest == "stream":
-        ds, plan = stream_dataset(ctx, task, stages, source)
+        ds = dataset if dataset is not None else stream_dataset(ctx, task, source)
+        plan = plan_for(ctx, task, stages, ctx.tasks[task].n_train)
         # order preserved: which rows reach which rank follows the block layout, not timing
         data_config = DataConfig(execution_options=ExecutionOptions(preserve_order=True))
     else:
         ds, plan = train_dataset(ctx, task, stages)
         data_config = RankSplit(source, task, plan)
-    config: dict[str, Any] = {"ctx": ctx.to_json(), "task": task, "stages": stages, "plan": plan.to_json()}
+    config: dict[str, Any] = {"ctx": ctx.to_json(), "task": task, "stages": stages, "plan": plan.to_json(),
+                              "threads": threads}
     if os.environ.get(FAULT_ENV):
         config[FAULT_KEY] = json.loads(os.environ[FAULT_ENV])
     trainer = TorchTrainer(
@@ -181,10 +188,11 @@ def make_trainer(ctx: StageContext, task: int, stages: list[str], source: str) -
     return trainer, plan
 
 
-def run_fused(ctx: StageContext, task: int, stages: list[str], source: str) -> dict[str, Any]:
+def run_fused(ctx: StageContext, task: int, stages: list[str], source: str, threads: int = 1,
+              dataset: Any = None) -> dict[str, Any]:
     """Fit one fused run; returns timings (the sub-stages' results are in the ledger)."""
     t0 = time.time()
-    trainer, plan = make_trainer(ctx, task, stages, source)
+    trainer, plan = make_trainer(ctx, task, stages, source, threads, dataset)
     t_built = time.time()
     result = trainer.fit()
     wall = time.time() - t0

@@ -1,4 +1,4 @@
-"""The Ray Train worker of a fused run: a task's probe -> allocate -> train in one TorchTrainer.
+"""The Ray Train worker of a fused run: a task's stages, probe through evaluate, in one TorchTrainer.
 
 Every rank runs :func:`train_loop_per_worker`. For each sub-stage of the run, in order:
 
@@ -9,8 +9,11 @@ Every rank runs :func:`train_loop_per_worker`. For each sub-stage of the run, in
 3. the stage body is the in-process one (``stages.run_probe`` / ``run_allocate`` / ``run_train``),
    given a DeepSpeed-driven ``fit`` (cram_ray/train/fit.py) and this rank's batches from the
    Ray Data shard (``ray.train.get_dataset_shard("train")``, drawn as cram_ray/train/ingest.py says);
-4. rank 0 saves the state (safetensors + JSON) and commits it with its marker through
-   ``Ledger.commit``, then all ranks meet at a barrier before the next sub-stage restores it.
+   aggregate and evaluate (``train.fuse_eval``) split their batches over the ranks and reduce on
+   rank 0 (cram_ray/train/warm_eval.py);
+4. rank 0 saves the state (safetensors + JSON) and commits it, or evaluate's predictions, with its
+   marker through ``Ledger.commit``, then all ranks meet at a barrier before the next sub-stage
+   restores it.
 
 Inside probe and train, every ``train.checkpoint_every`` steps all ranks save a checkpoint
 (gathering ZeRO's partitioned optimizer state is a collective) and report it with
@@ -43,8 +46,9 @@ from cram_ray.pipeline.ledger import StageResult
 from cram_ray.train.fit import FitProgress, Stepper, engine_fit
 from cram_ray.train.ingest import ShardStream, StreamPlan, collate_train, merge_collated
 from cram_ray.train.progress import task_prefix
+from cram_ray.train.warm_eval import aggregate_on_workers, evaluate_on_workers
 
-FUSED_STAGES = ("probe", "allocate", "train")
+STATELESS = ("evaluate",)  # sub-stages whose outputs are reports and predictions, not a new state
 FIT_PHASES = {"probe": 0, "train": 1}  # sub-stage -> phase index of the StreamPlan
 CKPT_META = "fused.json"
 FAULT_KEY = "fault"  # train_loop_config key: {"stage", "step", "rank", "flag"}: crash once (tests)
@@ -229,6 +233,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log = _logger(ctx, task, rank)
     log(f" worker {rank}/{world_size} ready in {startup:.1f}s (resume: {resume and resume['meta']})")
     timings: dict[str, float] = {"worker_startup": startup}
+    fault = config.get(FAULT_KEY)
 
     for stage in stages:
         done = broadcast_json(ctx.ledger.verify(task, stage) is not None if rank == 0 else None)
@@ -240,11 +245,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         try:
             model, method = restore(ctx, task, stage, rt, scratch)
             t_restored = time.time()
-            fingerprint = input_fingerprint(ctx, task, stage)
+            workdir = scratch / "out"
+            workdir.mkdir()
             if stage == "allocate":
                 report = run_allocate(ctx, task, method)
+            elif stage == "aggregate":
+                report = aggregate_on_workers(ctx, task, rt, method, rank=rank, world_size=world_size,
+                                              threads=int(config["threads"]))
+            elif stage == "evaluate":
+                report = evaluate_on_workers(ctx, task, rt, model, method, rank=rank, world_size=world_size,
+                                             device=device, workdir=workdir,
+                                             before_batch=lambda k: _maybe_crash(fault, "evaluate", k, rank))
             else:
                 phase = FIT_PHASES[stage]
+                fingerprint = input_fingerprint(ctx, task, stage)
                 start_dir, start_step = None, 0
                 # the probe restarts from its first step: its observed statistics live outside the checkpoint
                 if (resume and stage == "train" and resume["meta"]["stage"] == stage
@@ -256,7 +270,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     collate=collate, merge=merge,
                     features=lambda b, m=method: to_device(with_features(b, m, rt), device),
                 )
-                fit = _ray_fit(ctx, task, stage, rank, fingerprint, batches, start_dir, config.get(FAULT_KEY), log)
+                fit = _ray_fit(ctx, task, stage, rank, fingerprint, batches, start_dir, fault, log)
                 body = run_probe if stage == "probe" else run_train
                 report = body(ctx, task, model, method, batches, fit)
                 timings[f"{stage}_data_wait"] = batches.wait
@@ -265,9 +279,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seconds = time.time() - t0
             timings[stage] = seconds
             if rank == 0:
-                workdir = scratch / "out"
-                workdir.mkdir()
-                save_state(method, workdir)
+                if stage not in STATELESS:
+                    save_state(method, workdir)
                 # startup of the first sub-stage includes the worker's own start (runtime, data); time
                 # the steps waited for data is not compute either
                 first = stage == stages[0]

@@ -173,7 +173,9 @@ def baseline(cluster, s3_server, cache_dir, tmp_path_factory):
     head, _ = cluster
     tmp = tmp_path_factory.mktemp("baseline")
     storage, run_id = "s3://cram-test/multinode-baseline", "base"
-    argv = stream_argv(head, storage, tmp / "out", run_id, cache_dir, "train.num_workers=2")
+    # aggregate and evaluate as stages of their own (Ray Data pools), so there is a moment to kill the
+    # driver between train and them; inside the Train run they would follow train within seconds
+    argv = stream_argv(head, storage, tmp / "out", run_id, cache_dir, "train.num_workers=2", "train.fuse_eval=false")
     with Driver(argv, head, tmp / "first.log") as driver:
         done = driver.wait_for("committed train stage", lambda: (
             d if "task_0/train" in (d := done_markers(s3_server, storage, run_id)) else None))

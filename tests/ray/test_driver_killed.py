@@ -19,14 +19,15 @@ def test_killed_driver_resumes_without_redoing_finished_stages(tmp_path, cache_d
             "--executor", "ray", "--out", str(out), "--run-id", "k", "--set", f"data.cache_dir={cache_dir}",
             "--set", "tracking.enabled=false", "--set", "data.builtin.tasks=[count]"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
-    trained = out / "k/task_0/train/_DONE.json"  # the fused Train run committed probe, allocate, train
+    # killed once the task's one Train run has committed its first stage, while it runs the others
+    probed = out / "k/task_0/probe/_DONE.json"
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 900
-        while not trained.exists():
+        while not probed.exists():
             assert proc.poll() is None, "the stream ended before it could be killed"
-            assert time.time() < deadline, "task 0 was not trained in time"
+            assert time.time() < deadline, "task 0 was not probed in time"
             time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started, no clean shutdown
@@ -34,7 +35,7 @@ def test_killed_driver_resumes_without_redoing_finished_stages(tmp_path, cache_d
     assert not (out / "summary.json").exists()
     stamps = {p: p.stat().st_mtime_ns for p in (out / "k/task_0").glob("*/_DONE.json")}
     done = {p.parent.name for p in stamps}
-    assert {"probe", "allocate", "train"} <= done and "evaluate" not in done
+    assert "probe" in done and "evaluate" not in done
     result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

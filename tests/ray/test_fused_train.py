@@ -1,10 +1,12 @@
-"""A task's probe -> allocate -> train as ONE Ray Train run: 2 workers, DeepSpeed ZeRO-2, checkpoints,
-and recovery from a killed worker (it ends with the same weights as an uninterrupted run)."""
+"""A task's five stages as ONE Ray Train run: 2 workers, DeepSpeed ZeRO-2, checkpoints, aggregate and
+evaluate on the warm workers, and recovery from a worker killed in training or in evaluation (it ends
+with the same outputs as an uninterrupted run)."""
 import json
+import shutil
 
 import pytest
 
-from cram_ray.pipeline.context import StageContext
+from cram_ray.pipeline.context import StageContext, task_records
 from cram_ray.pipeline.driver import prepare_data
 from cram_ray.pipeline.ray_executor import RayExecutor
 from cram_ray.train.trainer import FAULT_ENV, runs_root
@@ -14,7 +16,10 @@ from ray_helpers import smoke_config
 pytestmark = pytest.mark.ray
 
 TWO_WORKERS_ZERO2 = ("train.num_workers=2", "train.zero_stage=2", "train.cpus_per_worker=1",
-                     "train.max_failures=2", "data.builtin.tasks=[count]")
+                     "train.max_failures=2", "data.builtin.tasks=[count]",
+                     "train.eval_batch_size=4")  # 4 test batches: each rank evaluates two
+STAGES = ("probe", "allocate", "train", "aggregate", "evaluate")
+OUTPUTS = ("state.safetensors", "state.json", "predictions.jsonl")
 
 
 def _context(storage, cache_dir, run_id):
@@ -22,25 +27,42 @@ def _context(storage, cache_dir, run_id):
     return StageContext(cfg, run_id, prepare_data(cfg, run_id))
 
 
+def _same_outputs(ctx, ref_ctx, stages):
+    """Every output file of ``stages`` byte-equal between two runs of task 0."""
+    for stage in stages:
+        for name in OUTPUTS:
+            a = ctx.storage.local_path(ctx.ledger.rel(0, stage)) / name
+            b = ref_ctx.storage.local_path(ref_ctx.ledger.rel(0, stage)) / name
+            assert a.is_file() == b.is_file(), (stage, name)
+            if a.is_file():
+                assert a.read_bytes() == b.read_bytes(), (stage, name)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(ray_cluster, tmp_path_factory, cache_dir):
     storage = tmp_path_factory.mktemp("fused")
     ctx = _context(storage, cache_dir, "plain")
     executor = RayExecutor(ctx.cfg)
-    results = {stage: executor.run(ctx, 0, stage) for stage in ("probe", "allocate", "train")}
+    results = {stage: executor.run(ctx, 0, stage) for stage in STAGES}
     return ctx, executor, results
 
 
-def test_one_train_run_commits_probe_allocate_and_train(uninterrupted):
+def test_one_train_run_commits_all_five_stages(uninterrupted):
     ctx, executor, results = uninterrupted
-    assert len(executor.timings) == 1 and executor.timings[0]["stages"] == ["probe", "allocate", "train"]
+    assert len(executor.timings) == 1 and executor.timings[0]["stages"] == list(STAGES)
     probe, allocate, train = results["probe"], results["allocate"], results["train"]
     assert probe.metrics["steps"] == 2 and set(probe.metrics["loss"]) == {"ce"}
     assert allocate.metrics["slot"] == 0 and allocate.metrics["rank_max"] >= 1
     assert train.metrics["steps"] == 8 and train.metrics["loss"]["ce"] > 0
+    assert results["aggregate"].metrics["params_added"] > 0
+    assert len(results["evaluate"].metrics["row"]) == 1 and results["evaluate"].metrics["confusion"] == [[16]]
     for stage, result in results.items():
         assert ctx.ledger.verify(0, stage).to_json() == result.to_json()
-        assert (ctx.storage.local_path(ctx.ledger.rel(0, stage)) / "state.safetensors").is_file()
+        has_state = (ctx.storage.local_path(ctx.ledger.rel(0, stage)) / "state.safetensors").is_file()
+        assert has_state == (stage != "evaluate")
+    predictions = ctx.storage.local_path(ctx.ledger.rel(0, "evaluate")) / "predictions.jsonl"
+    assert [json.loads(line)["id"] for line in predictions.read_text().splitlines()] == \
+        [r.id for r in task_records(ctx, 0, "test")]  # both ranks' answers, in the in-process order
 
 
 def test_checkpoints_hold_the_whole_optimizer_state_as_safetensors_only(uninterrupted):
@@ -62,22 +84,53 @@ def test_checkpoints_hold_the_whole_optimizer_state_as_safetensors_only(uninterr
     assert meta["stage"] == "train" and meta["step"] == 5
 
 
+def _run_killed(tmp_path_factory, cache_dir, monkeypatch, stage, step):
+    """Task 0 with worker rank 1 killed once at (stage, step): (context, results, finish times, crash time)."""
+    storage = tmp_path_factory.mktemp(f"fault_{stage}")
+    flag = storage / "crashed.json"
+    monkeypatch.setenv(FAULT_ENV, json.dumps({"stage": stage, "step": step, "rank": 1, "flag": str(flag)}))
+    ctx = _context(storage, cache_dir, "plain")  # same run id: same seeds, own storage
+    executor = RayExecutor(ctx.cfg)
+    results = {s: executor.run(ctx, 0, s) for s in STAGES}
+    assert flag.is_file(), "the fault hook did not fire"
+    assert len(executor.timings) == 1  # the restart happened inside the one Train run
+    finished = {s: json.loads((storage / f"plain/task_0/{s}/_DONE.json").read_text())["finished_at"] for s in STAGES}
+    return ctx, results, finished, json.loads(flag.read_text())["time"]
+
+
 def test_a_killed_worker_resumes_from_its_checkpoint_with_identical_results(uninterrupted, tmp_path_factory,
                                                                             cache_dir, monkeypatch):
     ref_ctx, _, ref = uninterrupted
-    storage = tmp_path_factory.mktemp("fault")
-    flag = storage / "crashed.json"
-    monkeypatch.setenv(FAULT_ENV, json.dumps({"stage": "train", "step": 5, "rank": 1, "flag": str(flag)}))
-    ctx = _context(storage, cache_dir, "plain")  # same run id: same seeds, own storage
-    executor = RayExecutor(ctx.cfg)
-    results = {stage: executor.run(ctx, 0, stage) for stage in ("probe", "allocate", "train")}
-    assert flag.is_file(), "the fault hook did not fire"
-    crashed_at = json.loads(flag.read_text())["time"]
+    ctx, results, finished, crashed_at = _run_killed(tmp_path_factory, cache_dir, monkeypatch, "train", 5)
     # the probe was committed before the crash and not redone by the restarted workers
-    assert json.loads((storage / "plain/task_0/probe/_DONE.json").read_text())["finished_at"] < crashed_at
-    assert len(executor.timings) == 1
-    for stage in ("probe", "allocate", "train"):
-        a = (storage / f"plain/task_0/{stage}/state.safetensors").read_bytes()
-        b = ref_ctx.storage.local_path(f"plain/task_0/{stage}").joinpath("state.safetensors").read_bytes()
-        assert a == b, stage
+    assert finished["probe"] < crashed_at < finished["train"]
+    _same_outputs(ctx, ref_ctx, STAGES)
     assert results["train"].metrics["loss"] == pytest.approx(ref["train"].metrics["loss"], rel=1e-9)
+
+
+def test_a_worker_killed_in_evaluation_resumes_with_identical_results(uninterrupted, tmp_path_factory,
+                                                                       cache_dir, monkeypatch):
+    ref_ctx, _, ref = uninterrupted
+    # rank 1 dies before its second test batch, after aggregate was committed
+    ctx, results, finished, crashed_at = _run_killed(tmp_path_factory, cache_dir, monkeypatch, "evaluate", 1)
+    assert max(finished[s] for s in STAGES[:4]) < crashed_at < finished["evaluate"]  # nothing redone
+    _same_outputs(ctx, ref_ctx, STAGES)
+    assert results["evaluate"].metrics == ref["evaluate"].metrics
+
+
+def test_aggregate_and_evaluate_still_run_on_their_own_after_train(uninterrupted, tmp_path_factory):
+    """The ledger contract: a run that finds train done but not aggregate runs the later stages alone
+    (Ray Data actor pools here, no Train run) and gets the fused run's outputs."""
+    ref_ctx, _, ref = uninterrupted
+    copy = tmp_path_factory.mktemp("alone") / "storage"
+    shutil.copytree(ref_ctx.storage.local_path(""), copy)
+    ctx = StageContext(smoke_config(copy, ref_ctx.cfg.data.cache_dir, *TWO_WORKERS_ZERO2), "plain", ref_ctx.tasks)
+    for stage in ("aggregate", "evaluate"):
+        ctx.ledger.invalidate(0, stage)
+    executor = RayExecutor(ctx.cfg)
+    aggregate, evaluate = executor.run(ctx, 0, "aggregate"), executor.run(ctx, 0, "evaluate")
+    assert executor.timings == []
+    assert aggregate.metrics["params_added"] == ref["aggregate"].metrics["params_added"]
+    assert aggregate.metrics["ranks"] == ref["aggregate"].metrics["ranks"]
+    assert evaluate.metrics["row"] == ref["evaluate"].metrics["row"]
+    _same_outputs(ctx, ref_ctx, ("evaluate",))
