@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +150,6 @@ class Evaluator:
         seed_everything(self.ctx.cfg.train.seed, task, "evaluate")
         self.device = torch.device("cuda") if self.ctx.cfg.train.use_gpu else torch.device("cpu")
         self.model.to(self.device)
-        self.vlm = replace(self.rt.vlm, model=self.model)
         self.ready = time.time()
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -166,24 +164,11 @@ class Evaluator:
                 "row": np.array(out["row"], dtype=object), "ready": np.full(len(out["id"]), self.ready)}
 
     def _answer(self, i: int, recs) -> list[dict[str, Any]]:
-        from cram_ray.eval.scorers import score
-        from cram_ray.pipeline.stages import with_features
+        from cram_ray.pipeline.stages import answer_records, scored_rows
 
-        batch = with_features(self.rt.vlm.processor.prompt_batch(recs, [i] * len(recs)), self.method, self.rt)
-        if self.device.type != "cpu":
-            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with torch.no_grad():
-            self.method.route(batch, training=False)
-            preds = self.vlm.generate(batch, self.ctx.cfg.data.max_answer_len)
-        choice = self.method.routed_task()
-        rows = []
-        for j, (rec, pred) in enumerate(zip(recs, preds)):
-            row = {"id": rec.id, "task": rec.task, "prediction": pred, "answer": rec.answer,
-                   "score": score(rec.metric, pred, rec.answer)}
-            if choice is not None:
-                row["routed_task"] = int(choice[j])
-            rows.append(row)
-        return rows
+        answers = answer_records(self.rt, self.model, self.method, recs, [i] * len(recs),
+                                 self.ctx.cfg.data.max_answer_len)
+        return scored_rows(recs, answers)
 
 
 def stage_evaluate_ray(ctx: StageContext, task: int, workdir: Path) -> StageResult:
