@@ -16,6 +16,7 @@ from conftest import ROOT, b64, evaluation, png
 
 import predict
 from cram_ray.pipeline.context import task_records
+from cram_ray.serving.load import closed_loop, payload
 from cram_ray.serving.run import find_run, run_context
 
 pytestmark = pytest.mark.ray
@@ -66,7 +67,7 @@ def server(tmp_path_factory, smoke_run):
 
 
 def _ask(session, url, rec):
-    return session.post(f"{url}/v1/answer", json={"image": b64(rec.image), "question": rec.instruction}, timeout=120)
+    return session.post(f"{url}/v1/answer", json=payload(rec), timeout=120)
 
 
 def _records(run_dir, tasks):
@@ -148,36 +149,17 @@ def test_experts_lists_the_tasks_and_groups_loaded(server):
 def test_no_request_fails_while_a_new_task_is_rolled_out_under_load(server):
     url, run_dir = server
     records = _records(run_dir, [0, 1, 2])
-    results, stop = [], threading.Event()
-
-    def client(k):
-        with requests.Session() as s:
-            i = k
-            while not stop.is_set():
-                try:
-                    r = _ask(s, url, records[i % len(records)])
-                    results.append((r.status_code, r.json().get("after_task") if r.status_code == 200 else r.text))
-                except requests.RequestException as err:
-                    results.append((None, repr(err)))
-                i += 8
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
-    t0 = time.time()
-    for t in threads:
-        t.start()
-    time.sleep(3)
     held = run_dir / "task_2/aggregate" / HELD
-    held.rename(held.with_name("_DONE.json"))  # the stream commits task 2
-    # 20 s of load at least, and until the new state answers (a rollout restores a replica)
-    while time.time() - t0 < 20 or not any(a == 2 for _, a in results[-16:]):
-        assert time.time() - t0 < 240, "task 2 was not rolled out within 240 s"
-        time.sleep(0.5)
-    stop.set()
-    for t in threads:
-        t.join()
-    failed = [r for r in results if r[0] != 200]
+    commit = threading.Timer(3.0, held.rename, args=(held.with_name("_DONE.json"),))  # the stream commits task 2
+    commit.start()
+    # 8 clients for 20 s at least, and on until the new state answers (the rollout restores a replica)
+    outcomes = closed_loop(url, records, clients=8, seconds=20,
+                           until=lambda done: any(o.detail == 2 for o in done[-16:]), limit=240)
+    commit.join()
+    failed = [o for o in outcomes if o.status != 200]
     assert not failed, failed[:3]
-    seen = [a for _, a in results]
-    assert seen[0] == 1 and seen[-1] == 2 and len(results) > 16
+    ordered = sorted(outcomes, key=lambda o: o.end)
+    assert ordered[0].detail == 1 and ordered[-1].detail == 2, "task 2 was not rolled out within 240 s"
     served = _ask_all(url, records[-16:])  # task 2's test records, after task 2
     stored = {r["id"]: r for r in evaluation(run_dir, 2)}
     assert all((v["answer"], v["routed_task"]) == (stored[k]["prediction"], stored[k]["routed_task"])
