@@ -105,3 +105,12 @@ def test_ray_data_batch_inference_gives_the_in_process_answers(tmp_path, smoke_r
     for a, b in zip(on_ray, local):
         assert (a["answer"], a["routed_task"], a["group"]) == (b["answer"], b["routed_task"], b["group"])
         assert a["weights"] == pytest.approx(b["weights"], abs=1e-5)
+
+
+def test_an_out_holding_several_runs_names_them(tmp_path, smoke_run):
+    for name in ("a", "b"):
+        (tmp_path / name / "data").mkdir(parents=True)
+        shutil.copy(smoke_run[1] / "data/_DONE.json", tmp_path / name / "data/_DONE.json")
+    with pytest.raises(DataError, match=r"holds 2 runs \(a, b\); pass --run .*/<run_id>"):
+        find_run(str(tmp_path))
+    assert find_run(str(tmp_path / "b")).run_id == "b"

@@ -51,7 +51,7 @@ def server(tmp_path_factory, smoke_run):
             try:
                 if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or no replica ready to answer
                 pass
             assert time.time() < deadline, "serve.py did not answer /healthz in 300 s"
             time.sleep(1)
