@@ -502,6 +502,10 @@ def bench_serve(args: argparse.Namespace) -> None:
                 closed_loop(url, records, clients=args.clients, seconds=args.warmup)
                 outcomes = closed_loop(url, records, clients=args.clients, seconds=args.seconds)
                 results[label] = summary(outcomes, max(o.end for o in outcomes))
+                if results[label]["ok"] < results[label]["requests"]:
+                    bad = next(o for o in outcomes if o.status != 200)
+                    raise SystemExit(f"error: bench.py serve: {results[label]['requests'] - results[label]['ok']} "
+                                     f"requests failed ({label}), e.g. status {bad.status}: {str(bad.detail)[:300]}")
         finally:
             serve.shutdown()
             if how == "local":

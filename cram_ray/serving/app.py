@@ -16,7 +16,8 @@ answering until their replacements are ready, then drain. (A ``user_config`` cha
 ``reconfigure`` would be the in-place alternative, but from the Python API it restarts replicas
 just the same.)
 """
-from __future__ import annotations
+# no `from __future__ import annotations` here: FastAPI reads the route methods' annotations
+# (``request: Request``) as objects once Serve has wrapped the class
 
 import asyncio
 import dataclasses
