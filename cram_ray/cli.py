@@ -85,7 +85,7 @@ def dry_run(cfg: StreamConfig, *, runs: int = 1) -> int:
 
 # the optional dependencies (pyproject.toml extras) by the module a missing one fails to import
 EXTRA_OF_MODULE = {"ray": "ray", "deepspeed": "deepspeed", "optuna": "tune", "sklearn": "builtin",
-                   "mlxtend": "builtin", "vega_datasets": "builtin"}
+                   "mlxtend": "builtin", "vega_datasets": "builtin", "fastapi": "serve", "python_multipart": "serve"}
 
 
 # an operating-system failure a user can fix, and what to do; a rerun of the same command then

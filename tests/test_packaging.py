@@ -23,7 +23,8 @@ def test_every_package_directory_is_listed():
 def test_console_scripts_name_a_main_in_the_workflow_files():
     mapped = PROJECT["tool"]["setuptools"]["package-dir"]
     scripts = PROJECT["project"]["scripts"]
-    assert set(scripts) == {"cram-stream", "cram-compare", "cram-tune", "cram-prepare", "cram-bench"}
+    assert set(scripts) == {"cram-stream", "cram-compare", "cram-tune", "cram-prepare", "cram-bench", "cram-predict",
+                            "cram-serve"}
     for target in scripts.values():
         module, func = target.split(":")
         package, name = module.rsplit(".", 1)
@@ -36,8 +37,8 @@ def test_console_scripts_name_a_main_in_the_workflow_files():
 def test_extras_install_everything_for_development():
     extras = PROJECT["project"]["optional-dependencies"]
     assert "cram_ray[all]" in extras["dev"]
-    assert set(extras) >= {"ray", "deepspeed", "tune", "builtin", "all", "dev"}
-    assert "cram_ray[ray,deepspeed,tune,builtin]" in extras["all"]
+    assert set(extras) >= {"ray", "deepspeed", "tune", "builtin", "serve", "all", "dev"}
+    assert "cram_ray[ray,deepspeed,tune,builtin,serve]" in extras["all"]
 
 
 def test_a_missing_optional_dependency_names_its_extra(capsys):

@@ -17,6 +17,9 @@ Subcommands:
   stream a whole stream on Ray over a generated JPEG benchmark of N records (smoke model, a few steps
          per task): the driver's peak RSS while it prepares the shards, trains, aggregates and
          evaluates, and the stream's wall time
+  serve  the Serve app of workflows/serve.py on one replica under N closed-loop HTTP clients:
+         p50 / p99 latency and requests/s with dynamic batching and without, in one run; last line
+         ``ratio X`` (batched / unbatched requests/s)
 """
 from __future__ import annotations
 
@@ -547,6 +550,61 @@ def bench_omp(args: argparse.Namespace) -> None:
     print(f"machine: {os.cpu_count()} cores; {args.config}, task {args.task}")
     print(f"mean train stage: ACTIVE {active:.1f} s, PASSIVE {passive:.1f} s")
     print(f"ratio {active / passive:.3f}")
+def bench_serve(args: argparse.Namespace) -> None:
+    """Latency and throughput of the Serve app over HTTP on 127.0.0.1, batched vs one request per
+    forward pass, same replica resources and clients (a smoke stream is run first without --run)."""
+    import tempfile
+
+    import ray
+    from ray import serve
+
+    from cram_ray.pipeline.context import task_records
+    from cram_ray.pipeline.ray_cluster import connect
+    from cram_ray.serving.app import ServeOptions, deploy
+    from cram_ray.serving.load import closed_loop, summary
+    from cram_ray.serving.run import find_run, resolve_after_task, run_context
+
+    with tempfile.TemporaryDirectory(prefix="cram-bench-serve-") as tmp:
+        run = args.run
+        if run is None:
+            from cram_ray.config import load_config
+            from cram_ray.pipeline.run import run_and_report
+
+            cfg = load_config(str(CONFIGS / "smoke.yaml"),
+                              ["train.executor=local", "tracking.enabled=false", f"storage={tmp}", *args.overrides])
+            run_and_report(cfg, out=tmp, run_id="bench")
+            run = str(Path(tmp) / "bench")
+        ref = find_run(run)
+        ctx = run_context(ref)
+        after = resolve_after_task(ctx, None)
+        records = [r for t in range(after + 1) for r in task_records(ctx, t, "test", Path(tmp))]
+        how = connect(ctx.cfg.train)
+        results = {}
+        try:
+            for label, batch in (("batched", args.max_batch_size), ("unbatched", 1)):
+                options = ServeOptions(port=args.port, max_batch_size=batch, min_replicas=1, max_replicas=1,
+                                       cpus_per_replica=args.cpus_per_replica)
+                deploy(ref, after, options, use_gpu=ctx.cfg.train.use_gpu, cpus=ctx.cfg.train.cpus_per_worker)
+                url = f"http://{options.host}:{options.port}"
+                closed_loop(url, records, clients=args.clients, seconds=args.warmup)
+                outcomes = closed_loop(url, records, clients=args.clients, seconds=args.seconds)
+                results[label] = summary(outcomes, max(o.end for o in outcomes))
+                if results[label]["ok"] < results[label]["requests"]:
+                    bad = next(o for o in outcomes if o.status != 200)
+                    raise SystemExit(f"error: bench.py serve: {results[label]['requests'] - results[label]['ok']} "
+                                     f"requests failed ({label}), e.g. status {bad.status}: {str(bad.detail)[:300]}")
+        finally:
+            serve.shutdown()
+            if how == "local":
+                ray.shutdown()
+    print(f"serve: run {ctx.run_id} ({ctx.cfg.method.name}, {ctx.cfg.model.kind} model) after task {after}, "
+          f"{len(records)} distinct test records, 1 replica of {args.cpus_per_replica or ctx.cfg.train.cpus_per_worker} "
+          f"CPU, {args.clients} closed-loop clients for {args.seconds:.0f} s (after {args.warmup:.0f} s warm-up)")
+    print(machine(torch.get_num_threads()))
+    for label, r in results.items():
+        print(f"{label:9s} (max batch {args.max_batch_size if label == 'batched' else 1}): p50 {r['p50_ms']:.1f} ms  "
+              f"p99 {r['p99_ms']:.1f} ms  {r['rps']:.1f} requests/s  ({r['ok']} of {r['requests']} answered 200)")
+    print(f"ratio {results['batched']['rps'] / max(1e-9, results['unbatched']['rps']):.3f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -618,6 +676,17 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     stream.add_argument("--tmp", default=None, help="folder for the generated benchmark and the run")
     stream.set_defaults(func=bench_stream)
+    srv = sub.add_parser("serve", help="HTTP p50/p99 latency and requests/s of the Serve app, batched vs unbatched")
+    srv.add_argument("--run", help="a stream's run directory (default: run a smoke stream first)")
+    srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override of the smoke stream's config (without --run)")
+    srv.add_argument("--clients", type=int, default=8, help="concurrent closed-loop clients")
+    srv.add_argument("--seconds", type=float, default=20.0, help="measured load per variant")
+    srv.add_argument("--warmup", type=float, default=3.0, help="unmeasured load first, per variant")
+    srv.add_argument("--max-batch-size", type=int, default=8)
+    srv.add_argument("--cpus-per-replica", type=float, default=None, help="default: the run's train.cpus_per_worker")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.set_defaults(func=bench_serve)
     return parser
 
 

@@ -189,23 +189,31 @@ def load_image(image: str | Path, limits: Limits, where: str) -> bytes:
     if size > limits.max_image_bytes:
         raise DataError(f"{where} field 'image': {image} has {size} bytes "
                         f"(limit max_image_bytes={limits.max_image_bytes})")
-    data = Path(image).read_bytes()
+    return check_image(Path(image).read_bytes(), limits, where, str(image))
+
+
+def check_image(data: bytes, limits: Limits, where: str, name: str) -> bytes:
+    """``data`` if it is an encoded image within ``limits`` that decodes, else :class:`DataError`
+    naming ``where`` (the file and record, or a request) and ``name`` (the image)."""
+    if len(data) > limits.max_image_bytes:
+        raise DataError(f"{where} field 'image': {name} has {len(data)} bytes "
+                        f"(limit max_image_bytes={limits.max_image_bytes})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
             img = Image.open(io.BytesIO(data))
         pixels = img.width * img.height
         if pixels > limits.max_image_pixels:
-            raise DataError(f"{where} field 'image': {image} is {img.width}x{img.height} "
+            raise DataError(f"{where} field 'image': {name} is {img.width}x{img.height} "
                             f"(limit max_image_pixels={limits.max_image_pixels})")
         img.load()
     except Image.DecompressionBombError:
-        raise DataError(f"{where} field 'image': {image} has more pixels than PIL opens "
+        raise DataError(f"{where} field 'image': {name} has more pixels than PIL opens "
                         f"(limit max_image_pixels={limits.max_image_pixels})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if isinstance(err, DataError):
             raise
-        raise DataError(f"{where} field 'image': cannot decode {image} "
+        raise DataError(f"{where} field 'image': cannot decode {name} "
                         f"(expected a PNG/JPEG/... image file; {type(err).__name__})") from None
     return data
 
@@ -329,7 +337,15 @@ def read_json(path: Path, limits: Limits, expected: str = "a JSON list of record
         raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno} ({err.msg})") from None
 
 
-def _read_entries(path: Path, image_root: Path, limits: Limits, outside_ok: bool) -> list[Entry]:
+def read_entries(path: str | Path, image_root: str | Path, limits: Limits = Limits(), *, outside_ok: bool = False,
+                 need_answer: bool = True) -> list[Entry]:
+    """The validated records of one LLaVA-style JSON file, images resolved under ``image_root``;
+    with ``need_answer=False`` a record may stop at its question (its answer is then "")."""
+    return _read_entries(Path(path), Path(image_root).resolve(), limits, outside_ok, need_answer)
+
+
+def _read_entries(path: Path, image_root: Path, limits: Limits, outside_ok: bool,
+                  need_answer: bool = True) -> list[Entry]:
     raw = read_json(path, limits)
     if not isinstance(raw, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
@@ -338,7 +354,7 @@ def _read_entries(path: Path, image_root: Path, limits: Limits, outside_ok: bool
     entries = []
     seen: dict[str, int] = {}
     for i, rec in enumerate(raw):
-        e = _entry(rec, i, path, image_root, outside_ok)
+        e = _entry(rec, i, path, image_root, outside_ok, need_answer)
         if e.id in seen:
             raise DataError(f"{path}: {e.label} field 'id': duplicate of record #{seen[e.id]} (ids must be unique)")
         seen[e.id] = i
@@ -346,7 +362,8 @@ def _read_entries(path: Path, image_root: Path, limits: Limits, outside_ok: bool
     return entries
 
 
-def _entry(rec: Any, index: int, path: Path, image_root: Path, outside_ok: bool) -> Entry:
+def _entry(rec: Any, index: int, path: Path, image_root: Path, outside_ok: bool,
+           need_answer: bool = True) -> Entry:
     if not isinstance(rec, dict):
         raise DataError(f"{path}: record #{index}: expected a JSON object with 'id' and 'conversations', "
                         f"got {type(rec).__name__}")
@@ -382,10 +399,10 @@ def _entry(rec: Any, index: int, path: Path, image_root: Path, outside_ok: bool)
     if not instruction:
         raise DataError(f"{where} field 'conversations[{human}].value': empty instruction "
                         f"(expected a question besides {IMAGE_MARKER})")
-    if gpt is None:
+    if gpt is None and need_answer:
         raise DataError(f"{where} field 'conversations': no answer (expected a 'gpt' turn after the 'human' turn)")
-    answer = turns[gpt]["value"]
-    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or not str(answer).strip():
+    answer = "" if gpt is None else turns[gpt]["value"]
+    if gpt is not None and (not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or not str(answer).strip()):
         raise DataError(f"{where} field 'conversations[{gpt}].value': empty answer (expected non-empty text)")
     image = None
     if rec.get("image") is not None:

@@ -49,6 +49,7 @@ class ContinualMethod(ABC):
 
     name: ClassVar[str] = "base"
     needs_features: ClassVar[frozenset[str]] = frozenset()  # subset of {"image", "text"}
+    needs_task_id: ClassVar[bool] = False  # routes by the batch's true ``task_index`` (an oracle)
 
     def __init__(self, cfg: StreamConfig) -> None:
         self.cfg = cfg
@@ -117,6 +118,13 @@ class ContinualMethod(ABC):
         """(B,) stream index of the task whose expert each sample of the last routed batch used,
         or None for a method without routing."""
         return None
+
+    def routing(self) -> list[dict[str, Any]]:
+        """Per sample of the last routed batch, the routing decision as JSON-able values:
+        ``routed_task`` (stream index) and whatever else the method decides (e.g. ``group`` and
+        ``weights``); empty for a method without routing."""
+        choice = self.routed_task()
+        return [] if choice is None else [{"routed_task": int(c)} for c in choice]
 
     def params_added(self) -> int:
         """Parameters the current task added to the deployed model (temporary buffers excluded)."""

@@ -20,6 +20,7 @@ class Oracle(SlotPerTask):
     """One expert slot per task (rank ``method.lora_rank``) routed by ``batch["task_index"]``."""
 
     name = "oracle"
+    needs_task_id = True
 
     def __init__(self, cfg: StreamConfig) -> None:
         super().__init__(cfg)

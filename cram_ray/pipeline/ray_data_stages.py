@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +160,6 @@ class Evaluator:
         seed_everything(self.ctx.cfg.train.seed, task, "evaluate")
         self.device = torch.device("cuda") if self.ctx.cfg.train.use_gpu else torch.device("cpu")
         self.model.to(self.device)
-        self.vlm = replace(self.rt.vlm, model=self.model)
         self.ready = time.time()
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -169,34 +167,20 @@ class Evaluator:
         for k in np.unique(rows["split"]):  # a batch may hold the end of one split and the start of the next
             mine = rows["split"] == k
             recs = records_of({c: v[mine] for c, v in rows.items()})
-            for row in answer_batch(self.ctx, self.rt, self.vlm, self.method, self.device, self.splits[int(k)], recs):
+            for row in answer_batch(self.ctx, self.rt, self.model, self.method, self.splits[int(k)], recs):
                 out["split"].append(int(k))
                 out["id"].append(row["id"])
                 out["row"].append(json.dumps(row))
         return {"split": np.array(out["split"], dtype=np.int64), "id": np.array(out["id"], dtype=object),
                 "row": np.array(out["row"], dtype=object), "ready": np.full(len(out["id"]), self.ready)}
 
-def answer_batch(ctx: StageContext, rt: Any, vlm: Any, method: Any, device: torch.device, i: int,
+def answer_batch(ctx: StageContext, rt: Any, model: torch.nn.Module, method: Any, i: int,
                  recs: list[Any]) -> list[dict[str, Any]]:
-    """Route, generate greedily and score one batch of task ``i``'s test records (one row each)."""
-    from cram_ray.eval.scorers import score
-    from cram_ray.pipeline.stages import with_features
+    """One batch of task ``i``'s test records answered and scored (one predictions.jsonl row each),
+    through the answering path the in-process stage, predict and serve share."""
+    from cram_ray.pipeline.stages import answer_records, scored_rows
 
-    batch = with_features(rt.vlm.processor.prompt_batch(recs, [i] * len(recs)), method, rt)
-    if device.type != "cpu":
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    with torch.no_grad():
-        method.route(batch, training=False)
-        preds = vlm.generate(batch, ctx.cfg.data.max_answer_len)
-    choice = method.routed_task()
-    rows = []
-    for j, (rec, pred) in enumerate(zip(recs, preds)):
-        row = {"id": rec.id, "task": rec.task, "prediction": pred, "answer": rec.answer,
-               "score": score(rec.metric, pred, rec.reference)}
-        if choice is not None:
-            row["routed_task"] = int(choice[j])
-        rows.append(row)
-    return rows
+    return scored_rows(recs, answer_records(rt, model, method, recs, [i] * len(recs), ctx.cfg.data.max_answer_len))
 
 
 def stage_evaluate_ray(ctx: StageContext, task: int, workdir: Path) -> StageResult:

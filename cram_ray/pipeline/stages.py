@@ -202,31 +202,50 @@ def stage_aggregate(ctx: StageContext, task: int, workdir: Path) -> StageResult:
     return StageResult("aggregate", task, report, time.time() - t0, startup)
 
 
+def answer_records(rt: Runtime, model: torch.nn.Module, method: ContinualMethod, records: list[Record],
+                   task_index: list[int], max_new_tokens: int) -> list[dict[str, Any]]:
+    """Greedy answers for one batch of records under the method's task-agnostic routing.
+
+    The one answering path of the evaluation stage (both executors), workflows/predict.py and the
+    Serve deployment, so all three give the same answer to the same record. ``task_index`` is each
+    record's stream index (only a method with ``needs_task_id`` reads it). Returns per record
+    ``{"prediction": str}`` plus the method's routing decision (:meth:`ContinualMethod.routing`).
+    """
+    from dataclasses import replace
+
+    batch = with_features(rt.vlm.processor.prompt_batch(records, task_index), method, rt)
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with torch.no_grad():
+        method.route(batch, training=False)
+        preds = replace(rt.vlm, model=model).generate(batch, max_new_tokens)
+    routes = method.routing() or [{} for _ in records]
+    return [{"prediction": pred, **route} for pred, route in zip(preds, routes)]
+
+
+def scored_rows(records: list[Record], answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluation's predictions.jsonl rows: the answer scored against the record's, and the
+    routed task when the method routes."""
+    from cram_ray.eval.scorers import score
+
+    rows = []
+    for rec, ans in zip(records, answers):
+        row = {"id": rec.id, "task": rec.task, "prediction": ans["prediction"], "answer": rec.answer,
+               "score": score(rec.metric, ans["prediction"], rec.reference)}
+        if "routed_task" in ans:
+            row["routed_task"] = ans["routed_task"]
+        rows.append(row)
+    return rows
+
+
 def evaluate_task(ctx: StageContext, rt: Runtime, model: torch.nn.Module, method: ContinualMethod,
                   i: int, records: list[Record]) -> tuple[list[dict[str, Any]], list[int]]:
     """Greedy answers for the test records of task ``i``; returns predictions and routed tasks."""
-    from dataclasses import replace
-
-    from cram_ray.eval.scorers import score
-
-    vlm = replace(rt.vlm, model=model)
     rows: list[dict[str, Any]] = []
-    routed: list[int] = []
-    bs = ctx.cfg.train.eval_batch_size
-    for recs in batches_of(records, bs, np.arange(len(records))):
-        batch = with_features(rt.vlm.processor.prompt_batch(recs, [i] * len(recs)), method, rt)
-        with torch.no_grad():
-            method.route(batch, training=False)
-            preds = vlm.generate(batch, ctx.cfg.data.max_answer_len)
-        choice = method.routed_task()
-        for j, (rec, pred) in enumerate(zip(recs, preds)):
-            row = {"id": rec.id, "task": rec.task, "prediction": pred, "answer": rec.answer,
-                   "score": score(rec.metric, pred, rec.reference)}
-            if choice is not None:
-                row["routed_task"] = int(choice[j])
-                routed.append(int(choice[j]))
-            rows.append(row)
-    return rows, routed
+    for recs in batches_of(records, ctx.cfg.train.eval_batch_size, np.arange(len(records))):
+        rows += scored_rows(recs, answer_records(rt, model, method, recs, [i] * len(recs), ctx.cfg.data.max_answer_len))
+    return rows, [r["routed_task"] for r in rows if "routed_task" in r]
 
 
 def stage_evaluate(ctx: StageContext, task: int, workdir: Path) -> StageResult:

@@ -18,7 +18,6 @@ Both return the stage's report on rank 0 and None elsewhere; the caller (worker.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -117,13 +116,12 @@ def evaluate_on_workers(ctx: StageContext, task: int, rt: Runtime, model: torch.
     """
     seed_everything(ctx.cfg.train.seed, task, "evaluate")
     model.to(device)
-    vlm = replace(rt.vlm, model=model)
     spans = batch_spans([ctx.tasks[i].n_test for i in range(task + 1)], ctx.cfg.train.eval_batch_size)
     mine = share(spans, rank, world_size)
     answers = []
     for k, ((i, _, _), recs) in enumerate(zip(mine, batches(ctx, mine, lambda i: ctx.shard_rel(i, "test")))):
         before_batch(k)
-        answers.append(answer_batch(ctx, rt, vlm, method, device, i, recs))
+        answers.append(answer_batch(ctx, rt, model, method, i, recs))
     parts = gather_to_first(answers)
     if parts is None:
         return None

@@ -91,6 +91,7 @@ class Cram(ContinualMethod):
         self._bases: Optional[dict[str, torch.Tensor]] = None  # layer -> (d_out, k) output basis for L_dec
         self._gamma: Optional[torch.Tensor] = None  # (B,) mass on the group's earlier experts
         self._choice: Optional[torch.Tensor] = None  # (B,) argmax slot of the last routed batch
+        self._groups: Optional[torch.Tensor] = None  # (B,) semantic group of the last batch routed for inference
 
     # -- lifecycle ---------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -247,7 +248,7 @@ class Cram(ContinualMethod):
     def route(self, batch: Batch, *, training: bool) -> None:
         ctx = self.context
         ctx.clear()
-        self._gamma = self._choice = None
+        self._gamma = self._choice = self._groups = None
         if training and self.mode == "probe":
             ctx.probe = True
             return
@@ -280,6 +281,17 @@ class Cram(ContinualMethod):
         if self.new_slot is not None and self.task is not None:
             task_of.setdefault(self.new_slot, self.task.index)
         return torch.tensor([task_of.get(int(s), -1) for s in self._choice], dtype=torch.long)
+
+    def routing(self) -> list[dict[str, Any]]:
+        rows = super().routing()
+        pi = self.context.weights
+        if self._groups is None or pi is None:
+            return rows
+        name_of = {rec["slot"]: rec["name"] for rec in self.slots}
+        for row, group, weights in zip(rows, self._groups.tolist(), pi.tolist()):
+            row["group"] = int(group)
+            row["weights"] = {name_of[s]: w for s, w in enumerate(weights) if w > 0 and s in name_of}
+        return rows
 
     def params_added(self) -> int:
         if self.new_slot is None:
@@ -503,6 +515,7 @@ class Cram(ContinualMethod):
             pi, choice = self.router.weights(q, mat, candidates, first_of[groups], has_image)
         self.context.weights = pi
         self._choice = choice
+        self._groups = groups
 
     def _probe_sq_dist(self) -> Optional[float]:
         if self.probe_img.n < 2:
