@@ -1,4 +1,4 @@
-"""workflows/predict.py on a finished smoke stream: the evaluation stage's answers and routing, from
+"""workflows/predict.py on a finished short stream (tests/serving/conftest.py): the evaluation stage's answers and routing, from
 the run directory alone; the committed-task rule; one-line failures."""
 import json
 import shutil
@@ -25,6 +25,7 @@ def _predict(tmp_path, *argv):
 
 def _same_as_evaluation(rows, stored):
     assert [r["id"] for r in rows] == [s["id"] for s in stored]
+    assert sum(bool(s["prediction"].strip()) for s in stored) >= len(stored) // 2  # answers in words, not all empty
     for r, s in zip(rows, stored):
         assert (r["answer"], r["routed_task"], r["reference"], r["score"]) == \
                (s["prediction"], s["routed_task"], s["answer"], s["score"]), r["id"]

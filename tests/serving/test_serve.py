@@ -1,4 +1,4 @@
-"""workflows/serve.py --follow on a smoke stream, over real HTTP: the evaluation's and predict's answers,
+"""workflows/serve.py --follow on a short finished stream (conftest.py), over real HTTP: the evaluation's and predict's answers,
 4xx for malformed requests, and no failed request while a newly committed task is rolled out."""
 import json
 import os
