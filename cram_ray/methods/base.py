@@ -119,7 +119,7 @@ class ContinualMethod(ABC):
         or None for a method without routing."""
         return None
 
-    def routing(self) -> list[dict[str, Any]]:
+    def routing_decisions(self) -> list[dict[str, Any]]:
         """Per sample of the last routed batch, the routing decision as JSON-able values:
         ``routed_task`` (stream index) and whatever else the method decides (e.g. ``group`` and
         ``weights``); empty for a method without routing."""

@@ -209,7 +209,7 @@ def answer_records(rt: Runtime, model: torch.nn.Module, method: ContinualMethod,
     The one answering path of the evaluation stage (both executors), workflows/predict.py and the
     Serve deployment, so all three give the same answer to the same record. ``task_index`` is each
     record's stream index (only a method with ``needs_task_id`` reads it). Returns per record
-    ``{"prediction": str}`` plus the method's routing decision (:meth:`ContinualMethod.routing`).
+    ``{"prediction": str}`` plus the method's routing decision (:meth:`ContinualMethod.routing_decisions`).
     """
     from dataclasses import replace
 
@@ -220,7 +220,7 @@ def answer_records(rt: Runtime, model: torch.nn.Module, method: ContinualMethod,
     with torch.no_grad():
         method.route(batch, training=False)
         preds = replace(rt.vlm, model=model).generate(batch, max_new_tokens)
-    routes = method.routing() or [{} for _ in records]
+    routes = method.routing_decisions() or [{} for _ in records]
     return [{"prediction": pred, **route} for pred, route in zip(preds, routes)]
 
 

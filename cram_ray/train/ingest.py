@@ -280,14 +280,20 @@ def records_of(batch: dict[str, np.ndarray]) -> list[Record]:
                    None if answers is None else _strings_or_none(answers[i])) for i in range(n)]
 
 
+def _missing(value: Any) -> bool:
+    """A null cell as Ray Data's numpy batches give it: None, or a NaN of any float width (an
+    all-null column arrives as float32 NaNs)."""
+    return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
 def _strings_or_none(value: Any) -> Optional[tuple[str, ...]]:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or len(value) == 0:
+    if _missing(value) or len(value) == 0:
         return None
     return tuple(str(a) for a in value)
 
 
 def _bytes_or_none(value: Any) -> Optional[bytes]:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return None
     return bytes(value)
 

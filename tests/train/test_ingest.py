@@ -18,6 +18,7 @@ from cram_ray.train.ingest import (
     encode_rows,
     expand_rows,
     positions_of,
+    records_of,
     select_rank,
 )
 
@@ -174,3 +175,16 @@ def test_merged_micro_batches_equal_the_collated_rows_of_the_whole_batch():
     assert set(got) == set(want)
     for key, value in want.items():
         assert torch.equal(value, got[key]) if isinstance(value, torch.Tensor) else value == got[key], key
+
+
+def test_null_cells_of_any_float_width_read_as_missing():
+    """An all-null column reaches a numpy batch as NaNs; Ray Data gives float32 ones, which are
+    not Python floats."""
+    batch = {"id": np.array(["a", "b"], dtype=object), "task": np.array(["t", "t"], dtype=object),
+             "image": np.array([np.float32("nan"), b"\x89PNG"], dtype=object),
+             "instruction": np.array(["q", "q"], dtype=object), "answer": np.array(["x", "y"], dtype=object),
+             "metric": np.array(["exact", "exact"], dtype=object),
+             "answers": np.array([np.float32("nan"), np.array(["y", "z"], dtype=object)], dtype=object)}
+    first, second = records_of(batch)
+    assert first.image is None and first.answers is None
+    assert second.image == b"\x89PNG" and second.answers == ("y", "z")

@@ -282,8 +282,8 @@ class Cram(ContinualMethod):
             task_of.setdefault(self.new_slot, self.task.index)
         return torch.tensor([task_of.get(int(s), -1) for s in self._choice], dtype=torch.long)
 
-    def routing(self) -> list[dict[str, Any]]:
-        rows = super().routing()
+    def routing_decisions(self) -> list[dict[str, Any]]:
+        rows = super().routing_decisions()
         pi = self.context.weights
         if self._groups is None or pi is None:
             return rows
