@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 install: $(STAMP)
 
-# `test` is the everyday suite (~15-20 min here); `test-cluster` the two-node cluster and the GPU
-# check on CPU (~12 min); CI runs both (`test-all`).
+# `test` is the everyday suite (~26 min of pytest here); `test-cluster` the two-node cluster and the
+# GPU check on CPU (~10 min); CI runs both (.ci/run).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=25 -m "not cluster" tests
 
