@@ -468,6 +468,15 @@ def bench_prepare(args: argparse.Namespace) -> None:
               f"({(r1 - r0) / max(n1 - n0, 1) * 1000:.1f} KB per record)")
 
 
+def stream_command(config: str, out: Path, executor: str, *sets: str) -> list[str]:
+    """``stream.py`` as a child process: the bench's own sets, MLflow off."""
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "stream.py"), "--config", config,
+           "--executor", executor, "--out", str(out)]
+    for item in (*sets, "tracking.enabled=false"):
+        cmd += ["--set", item]
+    return cmd
+
+
 def peak_rss_mb(pid: int) -> float:
     """The process's own peak resident set (VmHWM), in MB; 0 once it is gone."""
     try:
@@ -493,12 +502,9 @@ def bench_stream(args: argparse.Namespace) -> None:
         print(f"generated {args.records} records over {args.tasks} task(s) in {time.perf_counter() - t0:.1f} s",
               flush=True)
         out = Path(tmp) / "out"
-        cmd = [sys.executable, str(Path(__file__).resolve().parent / "stream.py"), "--config", args.config,
-               "--benchmark", str(manifest), "--executor", "ray", "--out", str(out),
-               "--set", f"train.steps_per_task={args.steps}", "--set", f"data.cache_dir={Path(tmp) / 'cache'}",
-               "--set", "tracking.enabled=false"]
-        for item in args.overrides:
-            cmd += ["--set", item]
+        cmd = stream_command(args.config, out, "ray", f"train.steps_per_task={args.steps}",
+                             f"data.cache_dir={Path(tmp) / 'cache'}", *args.overrides)
+        cmd += ["--benchmark", str(manifest)]
         log = Path(tmp) / "stream.log"
         t0 = time.perf_counter()
         with open(log, "w") as sink:
@@ -534,10 +540,8 @@ def bench_omp(args: argparse.Namespace) -> None:
         for round_ in range(args.rounds):
             for policy in seconds:
                 out = Path(tmp) / f"{policy}-{round_}"
-                cmd = [sys.executable, str(Path(__file__).resolve().parent / "stream.py"), "--config", args.config,
-                       "--executor", "local", "--method", "lora_ft", "--out", str(out),
-                       "--set", f"data.builtin.tasks=[{args.task}]", "--set", f"train.steps_per_task={args.steps}",
-                       "--set", "tracking.enabled=false"]
+                cmd = stream_command(args.config, out, "local", "method.name=lora_ft",
+                                     f"data.builtin.tasks=[{args.task}]", f"train.steps_per_task={args.steps}")
                 proc = subprocess.run(cmd, env={**os.environ, "OMP_WAIT_POLICY": policy},
                                       capture_output=True, text=True)
                 if proc.returncode != 0:
@@ -550,6 +554,8 @@ def bench_omp(args: argparse.Namespace) -> None:
     print(f"machine: {os.cpu_count()} cores; {args.config}, task {args.task}")
     print(f"mean train stage: ACTIVE {active:.1f} s, PASSIVE {passive:.1f} s")
     print(f"ratio {active / passive:.3f}")
+
+
 def bench_serve(args: argparse.Namespace) -> None:
     """Latency and throughput of the Serve app over HTTP on 127.0.0.1, batched vs one request per
     forward pass, same replica resources and clients (a smoke stream is run first without --run)."""
