@@ -163,24 +163,18 @@ class Evaluator:
         self.ready = time.time()
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from cram_ray.pipeline.stages import evaluate_batch
+
         out: dict[str, list[Any]] = {"split": [], "id": [], "row": []}
         for k in np.unique(rows["split"]):  # a batch may hold the end of one split and the start of the next
             mine = rows["split"] == k
             recs = records_of({c: v[mine] for c, v in rows.items()})
-            for row in answer_batch(self.ctx, self.rt, self.model, self.method, self.splits[int(k)], recs):
+            for row in evaluate_batch(self.ctx, self.rt, self.model, self.method, self.splits[int(k)], recs):
                 out["split"].append(int(k))
                 out["id"].append(row["id"])
                 out["row"].append(json.dumps(row))
         return {"split": np.array(out["split"], dtype=np.int64), "id": np.array(out["id"], dtype=object),
                 "row": np.array(out["row"], dtype=object), "ready": np.full(len(out["id"]), self.ready)}
-
-def answer_batch(ctx: StageContext, rt: Any, model: torch.nn.Module, method: Any, i: int,
-                 recs: list[Any]) -> list[dict[str, Any]]:
-    """One batch of task ``i``'s test records answered and scored (one predictions.jsonl row each),
-    through the answering path the in-process stage, predict and serve share."""
-    from cram_ray.pipeline.stages import answer_records, scored_rows
-
-    return scored_rows(recs, answer_records(rt, model, method, recs, [i] * len(recs), ctx.cfg.data.max_answer_len))
 
 
 def stage_evaluate_ray(ctx: StageContext, task: int, workdir: Path) -> StageResult:

@@ -244,8 +244,16 @@ def evaluate_task(ctx: StageContext, rt: Runtime, model: torch.nn.Module, method
     """Greedy answers for the test records of task ``i``; returns predictions and routed tasks."""
     rows: list[dict[str, Any]] = []
     for recs in batches_of(records, ctx.cfg.train.eval_batch_size, np.arange(len(records))):
-        rows += scored_rows(recs, answer_records(rt, model, method, recs, [i] * len(recs), ctx.cfg.data.max_answer_len))
+        rows += evaluate_batch(ctx, rt, model, method, i, recs)
     return rows, [r["routed_task"] for r in rows if "routed_task" in r]
+
+
+def evaluate_batch(ctx: StageContext, rt: Runtime, model: torch.nn.Module, method: ContinualMethod, i: int,
+                   records: list[Record]) -> list[dict[str, Any]]:
+    """One batch of task ``i``'s test records answered and scored: its predictions.jsonl rows (the
+    in-process stage, the Ray Data actors and the warm Train-run evaluation all go through here)."""
+    return scored_rows(records, answer_records(rt, model, method, records, [i] * len(records),
+                                               ctx.cfg.data.max_answer_len))
 
 
 def stage_evaluate(ctx: StageContext, task: int, workdir: Path) -> StageResult:

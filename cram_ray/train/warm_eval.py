@@ -29,7 +29,8 @@ from safetensors.torch import save as save_tensors
 from cram_ray.data.records import Record
 from cram_ray.methods.base import ContinualMethod
 from cram_ray.pipeline.context import Runtime, StageContext, seed_everything
-from cram_ray.pipeline.ray_data_stages import answer_batch, check_observed, finish_aggregate, write_evaluation
+from cram_ray.pipeline.ray_data_stages import check_observed, finish_aggregate, write_evaluation
+from cram_ray.pipeline.stages import evaluate_batch
 from cram_ray.train.ingest import read_rows, shard_paths
 
 Span = tuple[int, int, int]  # (split index, first record, end record) of one batch
@@ -121,7 +122,7 @@ def evaluate_on_workers(ctx: StageContext, task: int, rt: Runtime, model: torch.
     answers = []
     for k, ((i, _, _), recs) in enumerate(zip(mine, batches(ctx, mine, lambda i: ctx.shard_rel(i, "test")))):
         before_batch(k)
-        answers.append(answer_batch(ctx, rt, model, method, i, recs))
+        answers.append(evaluate_batch(ctx, rt, model, method, i, recs))
     parts = gather_to_first(answers)
     if parts is None:
         return None
