@@ -17,7 +17,9 @@ def test_killed_driver_resumes_without_redoing_finished_stages(tmp_path, cache_d
     out = tmp_path / "stream"
     argv = [sys.executable, str(ROOT / "workflows/stream.py"), "--config", str(ROOT / "workflows/configs/smoke.yaml"),
             "--executor", "ray", "--out", str(out), "--run-id", "k", "--set", f"data.cache_dir={cache_dir}",
-            "--set", "tracking.enabled=false", "--set", "data.builtin.tasks=[count]"]
+            "--set", "tracking.enabled=false", "--set", "data.builtin.tasks=[count]",
+            # enough train steps that the stages after probe take seconds: the kill must land among them
+            "--set", "train.steps_per_task=80"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
     # killed once the task's one Train run has committed its first stage, while it runs the others
     probed = out / "k/task_0/probe/_DONE.json"
@@ -28,7 +30,7 @@ def test_killed_driver_resumes_without_redoing_finished_stages(tmp_path, cache_d
         while not probed.exists():
             assert proc.poll() is None, "the stream ended before it could be killed"
             assert time.time() < deadline, "task 0 was not probed in time"
-            time.sleep(0.5)
+            time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started, no clean shutdown
         proc.wait()
