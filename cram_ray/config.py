@@ -322,6 +322,10 @@ class TrainConfig:
     # Ray: aggregate and evaluate inside the task's Train run, on its warm workers (and their GPUs);
     # false = each as Ray Data batch inference on its own actor pool (the path a resumed stage takes)
     fuse_eval: bool = True
+    # Ray: "stream" = one Train run for the rest of the stream (its workers, their runtime and the Train
+    # set-up are paid once; the driver follows the stages as the run commits them); "task" = one
+    # Train run per task. "stream" needs fuse_eval and the stream ingest; otherwise runs are per task
+    run_span: Literal["stream", "task"] = "stream"
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (-1, 0, 1, 2, 3):

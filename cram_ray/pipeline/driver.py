@@ -31,6 +31,10 @@ class Executor(Protocol):
 
     def run(self, ctx: StageContext, task: int, stage: str) -> StageResult: ...
 
+    def invalidate(self, ctx: StageContext, task: int, stage: str) -> None:
+        """Delete the stage's marker before it reruns (an executor whose running job is to commit it
+        leaves it to that job)."""
+
 
 def execute_stage(ctx: StageContext, task: int, stage: str) -> StageResult:
     """Run a stage function in this process and commit its outputs (the unit every executor runs)."""
@@ -53,6 +57,9 @@ class LocalExecutor:
     def run(self, ctx: StageContext, task: int, stage: str) -> StageResult:
         return execute_stage(ctx, task, stage)
 
+    def invalidate(self, ctx: StageContext, task: int, stage: str) -> None:
+        ctx.ledger.invalidate(task, stage)
+
 
 def code_versions() -> dict[str, int]:
     """Versions of what a run depends on beyond its config: the built-in generator, the base mix and
@@ -64,11 +71,26 @@ def code_versions() -> dict[str, int]:
     return {"builtin": GENERATOR_VERSION, "mix": MIX_VERSION, "base": BASE_VERSION}
 
 
+# where a stream runs and how it survives faults, not what it computes: may differ on a resume
+RESUMABLE_KEYS = ("storage", "train.executor", "train.ray_address", "train.max_failures", "train.stage_retries",
+                  "train.checkpoint_every", "train.fuse_eval", "train.run_span", "tracking.", "tune.")
+
+
+def resumable(key: str) -> bool:
+    """Whether a dotted config key is one of RESUMABLE_KEYS (or under one ending in '.')."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+
+
+def computed_config(cfg: StreamConfig) -> dict[str, Any]:
+    """The flattened config without RESUMABLE_KEYS: what the stream computes, not where or how it runs."""
+    return {k: v for k, v in flatten(json.loads(json.dumps(cfg.to_dict()))).items() if not resumable(k)}
+
+
 def default_run_id(cfg: StreamConfig) -> str:
     """Same config, benchmark content and code versions -> same run id, so rerunning a finished or
-    interrupted stream resumes it, while a run made on an older base or on other benchmark files is
-    never resumed."""
-    tree: dict[str, Any] = {"config": cfg.to_dict(), "versions": code_versions()}
+    interrupted stream resumes it (on any executor or storage: those keys are not hashed), while a run
+    made on an older base or on other benchmark files is never resumed."""
+    tree: dict[str, Any] = {"config": computed_config(cfg), "versions": code_versions()}
     if cfg.data.benchmark:  # the built-in benchmark's content is its config and generator version
         tree["benchmark"] = benchmark_identity(cfg)[1].hash
     return f"{cfg.method.name}-{config_hash(tree)[:10]}"
@@ -85,11 +107,6 @@ def check_run_id(run_id: str) -> None:
     if not RUN_ID.fullmatch(run_id) or run_id in RESERVED_RUN_IDS:
         raise ConfigError(f"--run-id '{printable(run_id)}': expected up to 128 letters, digits, '.', '_' or '-', "
                           f"starting with a letter or digit, other than {', '.join(RESERVED_RUN_IDS)}")
-
-
-# where a stream runs and how it survives faults, not what it computes: may differ on a resume
-RESUMABLE_KEYS = ("storage", "train.executor", "train.ray_address", "train.max_failures", "train.stage_retries",
-                  "train.checkpoint_every", "train.fuse_eval", "tracking.", "tune.")
 
 
 def benchmark_identity(cfg: StreamConfig) -> tuple[Any, Any]:
@@ -119,7 +136,7 @@ def _check_same_run(recorded: dict[str, Any], cfg: StreamConfig, identity: Any, 
         raise DataError(f"benchmark changed since this run started: {changed}; use a new --run-id or --restart")
     old, new = flatten(recorded.get("config", {})), flatten(json.loads(json.dumps(cfg.to_dict())))
     for key in sorted(set(old) | set(new)):
-        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+        if resumable(key):
             continue
         if old.get(key, "(unset)") != new.get(key, "(unset)"):
             raise ConfigError(f"config changed since this run started: {key} was {old.get(key, '(unset)')!r}, "
@@ -207,7 +224,7 @@ def run_stream(
                     print(f"{prefix} {', '.join(skipped)}: done earlier, kept", flush=True)
                     skipped = []
                 redo = True
-                ledger.invalidate(t, stage)
+                executor.invalidate(ctx, t, stage)
                 print(f"{prefix} {stage} ...", flush=True)
                 res = executor.run(ctx, t, stage)
                 print(f"{prefix} {stage} done in {duration(res.seconds)}{stage_outcome(res, tasks)}", flush=True)

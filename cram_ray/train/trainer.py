@@ -1,14 +1,16 @@
-"""The TorchTrainer of a task's fused run (probe -> allocate -> train [-> aggregate -> evaluate]), and its
-Ray Data input.
+"""The TorchTrainer of a fused run (probe -> allocate -> train [-> aggregate -> evaluate] of a task, and
+with ``train.run_span: stream`` of every later task), and its Ray Data input.
 
 :func:`make_trainer` wires the pieces: ``ScalingConfig`` from ``train.num_workers`` /
 ``cpus_per_worker`` / ``use_gpu``; ``RunConfig`` under ``<storage>/<run_id>/train_runs`` with the
-name ``task_<t>`` (stable, so a rerun of the driver continues the same Train run and its
-checkpoints); ``FailureConfig(max_failures=train.max_failures)``; and ``datasets={"train": ...}``:
-the task's training shards read with ``ray.data.read_parquet``. With ``train.ingest: stream`` they
-are decoded and tokenised once (materialised when small) and split over the workers by Ray
-Train's ``DataConfig`` (``streaming_split``, order preserved); with ``exact`` they are expanded into the in-process batch
-order and sorted, and :class:`RankSplit` hands each worker its planned rows (cram_ray/train/ingest.py).
+name ``task_<t>`` or, for a run spanning the stream, ``stream`` (stable, so a rerun of the driver
+continues the same Train run and its checkpoints); ``FailureConfig(max_failures=train.max_failures)``;
+and one dataset per task, ``train_<t>``: the task's training shards read with
+``ray.data.read_parquet``. With ``train.ingest: stream`` they are decoded and tokenised once
+(materialised while they fit a share of the object store) and split over the workers by Ray
+Train's ``DataConfig`` (``streaming_split``, order preserved); with ``exact`` (one task per run) they
+are expanded into the in-process batch order and sorted, and :class:`RankSplit` hands each worker
+its planned rows (cram_ray/train/ingest.py).
 """
 from __future__ import annotations
 
@@ -105,12 +107,13 @@ def decoded_bytes(ctx: StageContext, task: int) -> int:
     return ctx.tasks[task].n_train * (3 * size * size * 4 + 8 * (ctx.cfg.data.max_text_len + ctx.cfg.data.max_answer_len))
 
 
-def stream_dataset(ctx: StageContext, task: int, source: str):
+def stream_dataset(ctx: StageContext, task: int, source: str, materialize: bool | None = None):
     """The stream ingest's dataset: the task's rows read once, decoded and tokenised.
 
     Every epoch of a streaming split re-executes its dataset; when the decoded rows take at most
-    ``CACHE_FRACTION`` of the object store they are materialised once (Ray Data's advice for data
-    that fits), so later epochs only hand out blocks. Larger tasks stream every epoch. It does not
+    ``CACHE_FRACTION`` of the object store (or as ``materialize`` says) they are materialised once
+    (Ray Data's advice for data that fits), so later epochs only hand out blocks. Larger tasks
+    stream every epoch. It does not
     depend on which stages the run holds, so it can be built before its run (the executor reads the
     next task's data while a task trains).
     """
@@ -121,10 +124,9 @@ def stream_dataset(ctx: StageContext, task: int, source: str):
     paths = shard_paths(storage, ctx.shard_rel(task, "train"))
     ds = ray.data.read_parquet(paths, filesystem=storage.fs)
     ds = ds.map_batches(encode_rows, fn_kwargs={"source": source, "task": task}, batch_format="numpy", batch_size=64)
-    store = ray.cluster_resources().get("object_store_memory", 0)
-    if decoded_bytes(ctx, task) <= CACHE_FRACTION * store:
-        ds = ds.materialize()
-    return ds
+    if materialize is None:
+        materialize = decoded_bytes(ctx, task) <= CACHE_FRACTION * ray.cluster_resources().get("object_store_memory", 0)
+    return ds.materialize() if materialize else ds
 
 
 def train_dataset(ctx: StageContext, task: int, plan_stages: list[str]):
@@ -152,47 +154,91 @@ def sort_boundaries(rows: int, per_partition: int = ROWS_PER_PARTITION) -> list[
     return [max(1, rows * k // parts) for k in range(1, parts)]
 
 
-def make_trainer(ctx: StageContext, task: int, stages: list[str], source: str, threads: int = 1,
-                 dataset: Any = None) -> tuple[TorchTrainer, StreamPlan]:
-    """The TorchTrainer of one fused run over ``stages`` (consecutive stages from probe, allocate or
-    train on). ``threads``: the driver's intra-op thread count (warm_eval.aggregate_on_workers);
-    ``dataset``: the task's :func:`stream_dataset` when it was built ahead (stream ingest)."""
+Unit = tuple[int, list[str]]  # (task, its consecutive stages) of a Train run
+STREAM_RUN = "stream"  # the name of a run spanning the rest of a stream (train.run_span: stream)
+
+
+def dataset_name(task: int) -> str:
+    """The Train dataset holding ``task``'s training rows (``ray.train.get_dataset_shard(name)``)."""
+    return f"train_{task}"
+
+
+def stream_datasets(ctx: StageContext, tasks: list[int], source: str, built: dict[int, Any] | None = None) -> dict[int, Any]:
+    """The stream ingest's datasets of ``tasks`` (those in ``built`` are kept), built concurrently.
+
+    Each is materialised while the decoded rows of all of them fit ``CACHE_FRACTION`` of the object
+    store; a dataset past that budget stays lazy and is streamed every epoch (the at-scale path).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    out = dict(built or {})
+    todo, budget = [], CACHE_FRACTION * store - sum(decoded_bytes(ctx, t) for t in out)
+    for t in tasks:
+        if t in out:
+            continue
+        size = decoded_bytes(ctx, t)
+        todo.append((t, size <= budget))
+        if size <= budget:
+            budget -= size
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(4, len(todo)), thread_name_prefix="cram-data") as pool:
+            for t, ds in zip([t for t, _ in todo],
+                             pool.map(lambda job: stream_dataset(ctx, job[0], source, materialize=job[1]), todo)):
+                out[t] = ds
+    return {t: out[t] for t in tasks}
+
+
+def make_trainer(ctx: StageContext, units: list[Unit], source: str, threads: int = 1,
+                 datasets: dict[int, Any] | None = None, name: str | None = None) -> TorchTrainer:
+    """The TorchTrainer of one fused run over ``units``: each a task and its consecutive stages from
+    probe, allocate or train on (a run of several tasks holds every stage of the tasks after the first).
+    ``threads``: the driver's intra-op thread count (warm_eval.aggregate_on_workers); ``datasets``:
+    tasks' :func:`stream_dataset` already built (stream ingest); ``name``: the Train run's name
+    (default ``task_<first task>``)."""
     train = ctx.cfg.train
+    tasks = [t for t, _ in units]
+    plans = [plan_for(ctx, t, stages, ctx.tasks[t].n_train) for t, stages in units]
     if train.ingest == "stream":
-        ds = dataset if dataset is not None else stream_dataset(ctx, task, source)
-        plan = plan_for(ctx, task, stages, ctx.tasks[task].n_train)
+        built = stream_datasets(ctx, tasks, source, datasets)
+        data = {dataset_name(t): built[t] for t in tasks}
         # order preserved: which rows reach which rank follows the block layout, not timing
-        data_config = DataConfig(execution_options=ExecutionOptions(preserve_order=True))
+        data_config: DataConfig = DataConfig(execution_options=ExecutionOptions(preserve_order=True))
     else:
-        ds, plan = train_dataset(ctx, task, stages)
-        data_config = RankSplit(source, task, plan)
-    config: dict[str, Any] = {"ctx": ctx.to_json(), "task": task, "stages": stages, "plan": plan.to_json(),
-                              "threads": threads}
+        if len(units) != 1:
+            raise ValueError("the exact ingest plans one task per Train run (train.run_span: task)")
+        ds, plans[0] = train_dataset(ctx, tasks[0], units[0][1])
+        data = {dataset_name(tasks[0]): ds}
+        data_config = RankSplit(source, tasks[0], plans[0])
+    config: dict[str, Any] = {"ctx": ctx.to_json(), "threads": threads,
+                              "units": [{"task": t, "stages": list(stages), "plan": plan.to_json()}
+                                        for (t, stages), plan in zip(units, plans)]}
     if os.environ.get(FAULT_ENV):
         config[FAULT_KEY] = json.loads(os.environ[FAULT_ENV])
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker}),
         run_config=RunConfig(
-            name=run_name(task),
+            name=name or run_name(tasks[0]),
             storage_path=runs_root(ctx),
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": ds},
+        datasets=data,
         dataset_config=data_config,
     )
-    return trainer, plan
 
 
-def run_fused(ctx: StageContext, task: int, stages: list[str], source: str, threads: int = 1,
-              dataset: Any = None) -> dict[str, Any]:
+def run_fused(ctx: StageContext, units: list[Unit], source: str, threads: int = 1,
+              datasets: dict[int, Any] | None = None, name: str | None = None) -> dict[str, Any]:
     """Fit one fused run; returns timings (the sub-stages' results are in the ledger)."""
     t0 = time.time()
-    trainer, plan = make_trainer(ctx, task, stages, source, threads, dataset)
+    trainer = make_trainer(ctx, units, source, threads, datasets, name)
     t_built = time.time()
     result = trainer.fit()
     wall = time.time() - t0

@@ -1,6 +1,9 @@
-"""The Ray Train worker of a fused run: a task's stages, probe through evaluate, in one TorchTrainer.
+"""The Ray Train worker of a fused run: a task's stages, probe through evaluate, in one TorchTrainer,
+and with ``train.run_span: stream`` every later task's stages in the same run.
 
-Every rank runs :func:`train_loop_per_worker`. For each sub-stage of the run, in order:
+Every rank runs :func:`train_loop_per_worker`. The runtime (base model, processor, routing encoders)
+is built once per worker; each task reads its own dataset shard (``train_<task>``). For each
+sub-stage of each task, in order:
 
 1. rank 0 checks the ledger; a sub-stage whose ``_DONE.json`` verifies (committed by an earlier
    attempt of this run) is skipped by every rank (the decision is broadcast, so ranks agree);
@@ -19,8 +22,8 @@ Inside probe and train, every ``train.checkpoint_every`` steps all ranks save a 
 (gathering ZeRO's partitioned optimizer state is a collective) and report it with
 ``ray.train.report``. After a worker failure, Ray Train restarts the group (an elastic group with
 the workers that still fit); the new attempt skips committed sub-stages and resumes the interrupted
-one from ``ray.train.get_checkpoint()`` when the checkpoint's sub-stage and inputs (the checksums
-of the state it started from) match, at any world size: the checkpoint holds whole tensors, and
+one from ``ray.train.get_checkpoint()`` when the checkpoint's task, sub-stage and inputs (the
+checksums of the state it started from) match, at any world size: the checkpoint holds whole tensors, and
 every rank's rows of a step are its slots of the same global batch.
 """
 from __future__ import annotations
@@ -199,42 +202,59 @@ def input_fingerprint(ctx: StageContext, task: int, stage: str) -> Optional[str]
 
 # -- the loop --------------------------------------------------------------------------------
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point of a fused run (see the module docstring). ``config`` is JSON-able."""
+    """Ray Train entry point of a fused run (see the module docstring). ``config`` is JSON-able:
+    ``units``, each a task, its stages and its data plan, in order."""
     import ray.train
     import ray.train.torch
 
-    from cram_ray.pipeline.stages import restore, run_allocate, run_probe, run_train, save_state, with_features
+    from cram_ray.train.trainer import dataset_name
 
     t_start = time.time()
     ctx = StageContext.from_json(config["ctx"])
-    task = int(config["task"])
-    stages = list(config["stages"])
-    plan = StreamPlan.from_json(config["plan"])
     train_ctx = ray.train.get_context()
     rank, world_size = train_ctx.get_world_rank(), train_ctx.get_world_size()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    rt = runtime(ctx)
+    device = ray.train.torch.get_device() if ctx.cfg.train.use_gpu else torch.device("cpu")
+    resume = _resume_point(ray.train.get_checkpoint())
+    startup = time.time() - t_start
+    first = config["units"][0]
+    _logger(ctx, int(first["task"]), rank)(f" worker {rank}/{world_size} ready in {startup:.1f}s "
+                                           f"(resume: {resume and resume['meta']})")
+    timings: dict[str, float] = {"worker_startup": startup}
+    for unit in config["units"]:
+        task = int(unit["task"])
+        shard = ray.train.get_dataset_shard(dataset_name(task))
+        _run_unit(ctx, task, list(unit["stages"]), StreamPlan.from_json(unit["plan"]), shard, rt, device,
+                  resume, rank, world_size, config, timings, startup if unit is first else 0.0)
+    if resume:
+        shutil.rmtree(resume["local"], ignore_errors=True)
+    ray.train.report({"done": 1.0, **{f"seconds_{k}": v for k, v in timings.items()}})
+
+
+def _run_unit(ctx: StageContext, task: int, stages: list[str], plan: StreamPlan, shard: Any, rt: Any,
+              device: torch.device, resume: Optional[dict[str, Any]], rank: int, world_size: int,
+              config: dict[str, Any], timings: dict[str, float], startup: float) -> None:
+    """One task's stages of the run, each restored, run and committed in order. ``startup``: the
+    worker's own start, counted in the first stage of the run (0 for the tasks after it)."""
+    from cram_ray.pipeline.stages import restore, run_allocate, run_probe, run_train, save_state, with_features
+
     if world_size > plan.world_size:
         raise RuntimeError(f"the data was planned for at most {plan.world_size} workers, the run has {world_size}")
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    shard = ray.train.get_dataset_shard("train")
-    if plan.mode == "exact":
-        stream = RowStream(shard.iter_batches(batch_size=plan.micro(world_size), batch_format="numpy", prefetch_batches=2))
-    rt = runtime(ctx)
     processor = rt.vlm.processor
     pixel_dtype = next(rt.vlm.model.parameters()).dtype
     if plan.mode == "exact":
+        stream: Any = RowStream(shard.iter_batches(batch_size=plan.micro(world_size), batch_format="numpy",
+                                                   prefetch_batches=2))
         collate, merge = (lambda rows: collate_train(rows, pad_id=processor.text.pad_id, pixel_dtype=pixel_dtype)), None
     else:
         stream = ShardStream(shard, plan, rank, pad_id=processor.text.pad_id, pixel_dtype=pixel_dtype,
                              world_size=world_size)
         collate, merge = (lambda batch: batch), (lambda parts: merge_collated(parts, pad_id=processor.text.pad_id))
-    device = ray.train.torch.get_device() if ctx.cfg.train.use_gpu else torch.device("cpu")
-    resume = _resume_point(ray.train.get_checkpoint())
-    startup = time.time() - t_start
     log = _logger(ctx, task, rank)
-    log(f" worker {rank}/{world_size} ready in {startup:.1f}s (resume: {resume and resume['meta']})")
-    timings: dict[str, float] = {"worker_startup": startup}
     fault = config.get(FAULT_KEY)
-
+    if fault is not None and int(fault.get("task", task)) != task:
+        fault = None
     for stage in stages:
         done = broadcast_json(ctx.ledger.verify(task, stage) is not None if rank == 0 else None)
         if done:
@@ -262,7 +282,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 start_dir, start_step = None, 0
                 # the probe restarts from its first step: its observed statistics live outside the checkpoint
                 if (resume and stage == "train" and resume["meta"]["stage"] == stage
-                        and resume["meta"]["inputs"] == fingerprint):
+                        and int(resume["meta"]["task"]) == task and resume["meta"]["inputs"] == fingerprint):
                     start_dir, start_step = resume["dir"], int(resume["meta"]["step"])
                     log(f" {stage}: resuming at step {start_step} from {resume['path']}")
                 batches = PhaseBatches(
@@ -273,28 +293,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 fit = _ray_fit(ctx, task, stage, rank, fingerprint, batches, start_dir, fault, log)
                 body = run_probe if stage == "probe" else run_train
                 report = body(ctx, task, model, method, batches, fit)
-                timings[f"{stage}_data_wait"] = batches.wait
-                timings[f"{stage}_batch_prep"] = batches.prepare
+                timings[f"task{task}_{stage}_data_wait"] = batches.wait
+                timings[f"task{task}_{stage}_batch_prep"] = batches.prepare
                 log(f" {stage}: waited {batches.wait:.1f}s for data, {batches.prepare:.1f}s padding + features")
             seconds = time.time() - t0
-            timings[stage] = seconds
+            timings[f"task{task}_{stage}"] = seconds
             if rank == 0:
                 if stage not in STATELESS:
                     save_state(method, workdir)
-                # startup of the first sub-stage includes the worker's own start (runtime, data); time
-                # the steps waited for data is not compute either
-                first = stage == stages[0]
-                idle = (t_restored - t0) + timings.get(f"{stage}_data_wait", 0.0)
-                result = StageResult(stage, task, report, seconds + (startup if first else 0.0),
-                                     idle + (startup if first else 0.0))
+                # the run's first stage includes the worker's own start (runtime, data); time the
+                # steps waited for data is not compute either
+                idle = (t_restored - t0) + timings.get(f"task{task}_{stage}_data_wait", 0.0)
+                result = StageResult(stage, task, report, seconds + startup, idle + startup)
+                startup = 0.0
                 ctx.ledger.commit(result, workdir)
                 log(f" {stage}: committed in {seconds:.1f}s")
+            else:
+                startup = 0.0
             barrier()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    if resume:
-        shutil.rmtree(resume["local"], ignore_errors=True)
-    ray.train.report({"done": 1.0, **{f"seconds_{k}": v for k, v in timings.items()}})
 
 
 def _resume_point(checkpoint: Any) -> Optional[dict[str, Any]]:

@@ -73,6 +73,10 @@ def test_default_run_id_follows_the_config_and_the_base_version(monkeypatch):
     first = default_run_id(cfg)
     assert first == default_run_id(StreamConfig()) and first.startswith(cfg.method.name + "-")
     assert default_run_id(cfg.replace(**{"train.lr": cfg.train.lr * 2})) != first
+    # where and how a stream runs is not what it computes: the same run, resumable on either
+    elsewhere = {"storage": "s3://bucket/runs", "train.executor": "ray", "train.run_span": "task",
+                 "train.max_failures": 5, "tracking.enabled": False}
+    assert default_run_id(cfg.replace(**elsewhere)) == first
     monkeypatch.setattr(base_module, "BASE_VERSION", base_module.BASE_VERSION + 1)
     assert default_run_id(cfg) != first  # a stream on a retrained base is a new run, never a resume
 
