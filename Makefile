@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test test-cluster test-all test-fast demo bench clean
+.PHONY: install test test-recovery test-cluster test-all test-fast demo bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,15 +21,19 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 install: $(STAMP)
 
-# `test` is the everyday suite (~26 min of pytest here); `test-cluster` the two-node cluster and the
-# GPU check on CPU (~10 min); CI runs both (.ci/run).
+# `test` is the everyday suite; `test-recovery` kills drivers, workers and studies and checks what
+# the reruns resume; `test-cluster` runs the two-node cluster and the GPU check on CPU. CI runs all
+# three (.ci/run); README "Tests" has their measured times.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 -m "not cluster" tests
+	$(BIN)/python -m pytest -q --durations=25 -m "not cluster and not recovery" tests
+
+test-recovery: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=10 -m "recovery and not cluster" tests
 
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=10 -m cluster tests
 
-test-all: test test-cluster
+test-all: test test-recovery test-cluster
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not ray and not slow" tests

@@ -12,12 +12,26 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
+def _folder(package: str) -> Path:
+    """Where a listed package lives in the tree (package-dir mappings applied)."""
+    mapped = PROJECT["tool"]["setuptools"]["package-dir"]
+    for name, folder in mapped.items():
+        if package == name or package.startswith(name + "."):
+            return ROOT / folder / package[len(name):].lstrip(".").replace(".", "/")
+    return ROOT / package.replace(".", "/")
+
+
 def test_every_package_directory_is_listed():
     listed = set(PROJECT["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "cram_ray").rglob("__init__.py")}
     assert on_disk <= listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(on_disk - listed)}"
-    mapped = PROJECT["tool"]["setuptools"]["package-dir"]
-    assert all((ROOT / mapped.get(p, p.replace(".", "/")) / "__init__.py").is_file() for p in listed)
+    data = PROJECT["tool"]["setuptools"]["package-data"]
+    for package in listed:  # a code package has its __init__.py; a data folder has only its data
+        folder = _folder(package)
+        assert folder.is_dir(), package
+        if not (folder / "__init__.py").is_file():
+            assert package in data and not list(folder.glob("*.py")), package
+            assert all(list(folder.glob(pattern)) for pattern in data[package]), (package, data[package])
 
 
 def test_console_scripts_name_a_main_in_the_workflow_files():

@@ -347,6 +347,7 @@ def engine_fit(
     resume: Optional[Path] = None,
     checkpoint: Optional[Callable[[Stepper, FitProgress], None]] = None,
     reporter: Optional[StepProgress] = None,
+    timings: Optional[dict[str, float]] = None,
 ) -> dict[str, float]:
     """``steps`` data-parallel optimizer steps; returns the mean loss terms (over steps and ranks).
 
@@ -359,9 +360,12 @@ def engine_fit(
             (every rank must make the same decision: saving is a collective).
         reporter: reports rank 0's steps and keeps its loss curve (the caller closes it); without
             one, rank 0 prints a line to ``log`` every ``log_every`` steps.
+        timings: receives ``engine_setup``, the seconds spent building the engine (set-up, not compute).
     """
     t0 = time.time()
     stepper = Stepper(model, method, steps, train, dtype=dtype)
+    if timings is not None:
+        timings["engine_setup"] = time.time() - t0
     if stepper.rank == 0:
         log(f"  engine ready in {time.time() - t0:.1f}s ({'ZeRO-%d' % train.zero_stage if stepper.deepspeed else 'plain data parallel'}, "
             f"{stepper.world_size} rank(s))")

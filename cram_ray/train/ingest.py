@@ -32,7 +32,7 @@ import math
 import zlib
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -298,17 +298,21 @@ def _bytes_or_none(value: Any) -> Optional[bytes]:
     return bytes(value)
 
 
-def encode_rows(batch: dict[str, np.ndarray], source: str, task: int) -> dict[str, np.ndarray]:
-    """Ray Data map_batches: records -> unpadded token ids + pixels (one row per sample)."""
+def encode_rows(batch: dict[str, np.ndarray], source: str, task: Union[int, dict[str, int]]) -> dict[str, np.ndarray]:
+    """Ray Data map_batches: records -> unpadded token ids + pixels (one row per sample).
+    ``task``: the rows' task index, or each task name's index when rows of several tasks are read
+    together."""
     processor = processor_from(source)
     recs = records_of(batch)
+    index = np.array([task[r.task] for r in recs], dtype=np.int64) if isinstance(task, dict) \
+        else np.full(len(recs), task, dtype=np.int64)
     encoded = [processor.encode(r, with_answer=True) for r in recs]
     out = {k: batch[k] for k in PLAN_COLUMNS if k in batch}
     out.update({
         "prompt_ids": _ragged([e.prompt for e in encoded]),
         "target_ids": _ragged([e.target for e in encoded]),
         "pixel_values": processor.pixel_values([r.image for r in recs]).float().numpy(),  # bf16 has no numpy type
-        "task_index": np.full(len(recs), task, dtype=np.int64),
+        "task_index": index,
         "has_image": np.array([r.image is not None for r in recs], dtype=bool),
         "instruction": np.array([r.instruction for r in recs], dtype=object),
     })

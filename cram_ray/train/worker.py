@@ -136,6 +136,7 @@ class PhaseBatches:
         self.observer: Optional[Callable[[Batch], None]] = None
         self.wait = 0.0  # seconds spent waiting for Ray Data
         self.prepare = 0.0  # seconds spent padding and computing routing features
+        self.setup: dict[str, float] = {}  # engine_fit's set-up seconds (the first DeepSpeed engine builds its ops)
 
     def __iter__(self) -> "PhaseBatches":
         return self
@@ -294,6 +295,7 @@ def _run_unit(ctx: StageContext, task: int, stages: list[str], plan: StreamPlan,
                 body = run_probe if stage == "probe" else run_train
                 report = body(ctx, task, model, method, batches, fit)
                 timings[f"task{task}_{stage}_data_wait"] = batches.wait
+                timings[f"task{task}_{stage}_engine_setup"] = batches.setup.get("engine_setup", 0.0)
                 timings[f"task{task}_{stage}_batch_prep"] = batches.prepare
                 log(f" {stage}: waited {batches.wait:.1f}s for data, {batches.prepare:.1f}s padding + features")
             seconds = time.time() - t0
@@ -301,9 +303,10 @@ def _run_unit(ctx: StageContext, task: int, stages: list[str], plan: StreamPlan,
             if rank == 0:
                 if stage not in STATELESS:
                     save_state(method, workdir)
-                # the run's first stage includes the worker's own start (runtime, data); time the
-                # steps waited for data is not compute either
-                idle = (t_restored - t0) + timings.get(f"task{task}_{stage}_data_wait", 0.0)
+                # the run's first stage includes the worker's own start (runtime, data); the time the
+                # steps waited for data, and the engine's set-up, are not compute either
+                idle = (t_restored - t0) + timings.get(f"task{task}_{stage}_data_wait", 0.0) \
+                    + timings.get(f"task{task}_{stage}_engine_setup", 0.0)
                 result = StageResult(stage, task, report, seconds + startup, idle + startup)
                 startup = 0.0
                 ctx.ledger.commit(result, workdir)
@@ -361,7 +364,7 @@ def _ray_fit(ctx: StageContext, task: int, stage: str, rank: int, fingerprint: O
             batches.observer = observe
             observe = None
         return engine_fit(model, method, it, steps, ctx.cfg.train, dtype=ctx.cfg.model.dtype, observe=observe,
-                          log=log, resume=start_dir, checkpoint=checkpoint, reporter=reporter)
+                          log=log, resume=start_dir, checkpoint=checkpoint, reporter=reporter, timings=batches.setup)
 
     return fit
 

@@ -83,6 +83,7 @@ def test_compare_to_s3_writes_reports_and_streams_to_the_bucket_and_resumes(s3_s
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.recovery
 def test_tune_study_keeps_its_state_on_s3_and_restores_finished_trials(s3_server, s3_bucket, cache_dir,
                                                                        tmp_path, monkeypatch):
     import csv

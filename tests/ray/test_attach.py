@@ -126,6 +126,7 @@ def leftovers(head, tmp_path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.recovery
 def test_a_killed_drivers_train_run_leaves_nothing_running(head, tmp_path):
     """Train's controller is owned by the driver: when the driver is killed, the Train workers and
     their placement group are released (nothing keeps holding the cluster's resources)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.recovery]
 
 
 def test_killed_driver_resumes_without_redoing_finished_stages(tmp_path, cache_dir):

@@ -98,6 +98,7 @@ def _run_killed(tmp_path_factory, cache_dir, monkeypatch, stage, step):
     return ctx, results, finished, json.loads(flag.read_text())["time"]
 
 
+@pytest.mark.recovery
 def test_a_killed_worker_resumes_from_its_checkpoint_with_identical_results(uninterrupted, tmp_path_factory,
                                                                             cache_dir, monkeypatch):
     ref_ctx, _, ref = uninterrupted
@@ -108,6 +109,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_with_identical_results(unin
     assert results["train"].metrics["loss"] == pytest.approx(ref["train"].metrics["loss"], rel=1e-9)
 
 
+@pytest.mark.recovery
 def test_a_worker_killed_in_evaluation_resumes_with_identical_results(uninterrupted, tmp_path_factory,
                                                                        cache_dir, monkeypatch):
     ref_ctx, _, ref = uninterrupted

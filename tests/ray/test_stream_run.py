@@ -65,6 +65,7 @@ def test_a_run_per_task_gives_the_same_outputs(spanning, tmp_path, cache_dir):
     _same_outputs(tmp_path, storage)
 
 
+@pytest.mark.recovery
 def test_a_worker_killed_in_the_second_task_restarts_the_run_with_the_same_outputs(spanning, tmp_path, cache_dir,
                                                                                     monkeypatch):
     storage, summary, _, _ = spanning
@@ -79,3 +80,23 @@ def test_a_worker_killed_in_the_second_task_restarts_the_run_with_the_same_outpu
     assert crashed_at < _finished(tmp_path, 1, "train")
     assert killed["accuracy_matrix"] == summary["accuracy_matrix"]
     _same_outputs(tmp_path, storage)
+
+
+def test_tasks_read_together_split_into_each_tasks_own_rows(spanning, cache_dir):
+    """The run's datasets come from one Ray Data execution over every task, split at the task
+    boundaries: each part holds exactly its task's rows, in the order its own read gives."""
+    from cram_ray.pipeline.context import StageContext, runtime
+    from cram_ray.pipeline.driver import prepare_data
+    from cram_ray.train.trainer import stream_dataset, stream_datasets
+
+    storage = spanning[0]
+    cfg = smoke_config(storage, cache_dir, *TASKS)
+    ctx = StageContext(cfg, "s", prepare_data(cfg, "s"))
+    source = json.dumps({"settings": runtime(ctx).vlm.processor.settings()}, sort_keys=True)
+    together = stream_datasets(ctx, [0, 1], source)
+    for t in (0, 1):
+        rows = together[t].to_pandas()
+        alone = stream_dataset(ctx, t, source).to_pandas()
+        assert set(rows["task_index"]) == {t} and len(rows) == ctx.tasks[t].n_train
+        assert list(rows["instruction"]) == list(alone["instruction"])
+        assert [list(x) for x in rows["target_ids"]] == [list(x) for x in alone["target_ids"]]

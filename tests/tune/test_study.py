@@ -119,6 +119,7 @@ def _terminated(out: Path) -> list[str]:
     return sorted(t["trial_id"] for t in trials if t.get("status") == "TERMINATED")
 
 
+@pytest.mark.recovery
 def test_killed_study_resumes_without_rerunning_finished_trials(tmp_path, cache_dir, no_ray):
     out = tmp_path / "study"
     argv = [sys.executable, str(ROOT / "workflows/tune.py"),
