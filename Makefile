@@ -16,7 +16,8 @@ export OMP_WAIT_POLICY ?= PASSIVE
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[dev]"
+	@echo "installing cram_ray and its dependencies into $(VENV) (pip's messages: $(VENV)/install.log)"
+	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[dev]" > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
 	touch $(STAMP)
 
 install: $(STAMP)
