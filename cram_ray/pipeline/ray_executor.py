@@ -100,12 +100,11 @@ def _processor_source(ctx_json: dict[str, Any]) -> str:
 class _TrainRun:
     """A fused Train run the executor launched: the stages it will commit, and its outcome."""
 
-    def __init__(self, units: list[tuple[int, list[str]]], future: Future, ledger: Any) -> None:
-        self.units = units
-        self.ledger = ledger
+    def __init__(self, units: list[tuple[int, list[str]]], future: Future, timing: dict[str, Any]) -> None:
         self.pending = {(t, s) for t, stages in units for s in stages}  # not yet handed to the driver
         self.future = future
-        self.timing: Optional[dict[str, Any]] = None
+        self.timing = timing  # what the driver measured around the run
+        self.in_stages = 0.0  # seconds of the stages handed to the driver so far
 
 
 class RayExecutor:
@@ -217,30 +216,26 @@ class RayExecutor:
             remote = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy="DEFAULT")(_fused_task)
             ref = remote.remote(ctx.to_json(), [[t, st] for t, st in units], source, threads, name)
             job = lambda: ray.get(ref)  # noqa: E731
-        run = _TrainRun(units, self._runner.submit(job), ledger)
-        run.timing = {"task": task, "stages": units[0][1], "tasks": [t for t, _ in units], "data_wait": waited}
-        self._run = run
+        self._run = _TrainRun(units, self._runner.submit(job),
+                              {"task": task, "stages": units[0][1], "tasks": [t for t, _ in units], "data_wait": waited})
 
     def _follow(self, ctx: StageContext, task: int, stage: str) -> StageResult:
         """Wait until the running Train run commits ``(task, stage)``; its result. When it is the run's
         last stage, also wait for the run to end and record its timings."""
         run = self._run
         assert run is not None
-        ledger = ctx.ledger
         while True:
-            result = ledger.verify(task, stage) if ledger.marker(task, stage) is not None else None
+            done = run.future.done()  # looked at first: a run that ended has committed all it will
+            result = ctx.ledger.verify(task, stage)
             if result is not None:
                 break
-            if run.future.done():
+            if done:
                 self._run = None
                 run.future.result()  # the run's own error, if it failed
-                result = ledger.verify(task, stage)
-                if result is None:
-                    raise RuntimeError(f"task {task}: the Train run ended without committing {stage}")
-                self._run = run
-                break
+                raise RuntimeError(f"task {task}: the Train run ended without committing {stage}")
             time.sleep(self.POLL)
         run.pending.discard((task, stage))
+        run.in_stages += result.seconds
         if not run.pending:
             self._finish()
         return result
@@ -252,8 +247,7 @@ class RayExecutor:
             return
         timing = {**run.future.result(), **run.timing}
         self.timings.append(timing)
-        markers = [run.ledger.marker(t, s) for t, stages in run.units for s in stages]
-        in_stages = sum(float(m["result"]["seconds"]) for m in markers if m is not None)
+        in_stages = run.in_stages
         tasks = timing["tasks"]
         # what is neither the data set-up nor a stage (whose first includes the worker's start) is the
         # TorchTrainer's own: controller, placement group, worker processes, process group, teardown

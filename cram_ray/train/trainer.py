@@ -107,26 +107,60 @@ def decoded_bytes(ctx: StageContext, task: int) -> int:
     return ctx.tasks[task].n_train * (3 * size * size * 4 + 8 * (ctx.cfg.data.max_text_len + ctx.cfg.data.max_answer_len))
 
 
-def stream_dataset(ctx: StageContext, task: int, source: str, materialize: bool | None = None):
-    """The stream ingest's dataset: the task's rows read once, decoded and tokenised.
-
-    Every epoch of a streaming split re-executes its dataset; when the decoded rows take at most
-    ``CACHE_FRACTION`` of the object store (or as ``materialize`` says) they are materialised once
-    (Ray Data's advice for data that fits), so later epochs only hand out blocks. Larger tasks
-    stream every epoch. It does not
-    depend on which stages the run holds, so it can be built before its run (the executor reads the
-    next task's data while a task trains).
-    """
-    import ray
+def decoded_dataset(ctx: StageContext, tasks: list[int], source: str):
+    """The training rows of ``tasks``, read and decoded (lazy), in read order: each task's shards in turn."""
     import ray.data
 
     storage = ctx.storage
-    paths = shard_paths(storage, ctx.shard_rel(task, "train"))
+    paths = [p for t in tasks for p in shard_paths(storage, ctx.shard_rel(t, "train"))]
     ds = ray.data.read_parquet(paths, filesystem=storage.fs)
-    ds = ds.map_batches(encode_rows, fn_kwargs={"source": source, "task": task}, batch_format="numpy", batch_size=64)
-    if materialize is None:
-        materialize = decoded_bytes(ctx, task) <= CACHE_FRACTION * ray.cluster_resources().get("object_store_memory", 0)
-    return ds.materialize() if materialize else ds
+    ds = ds.map_batches(encode_rows, fn_kwargs={"source": source, "task": {ctx.tasks[t].name: t for t in tasks}},
+                        batch_format="numpy", batch_size=64)
+    ds.context.execution_options.preserve_order = True  # the tasks' rows in the order read: a split is exact
+    return ds
+
+
+def stream_dataset(ctx: StageContext, task: int, source: str):
+    """The stream ingest's dataset of one task (see :func:`stream_datasets`). It does not depend on
+    which stages the run holds, so it can be built before its run (the executor reads the next
+    task's data while a task trains)."""
+    return stream_datasets(ctx, [task], source)[task]
+
+
+def stream_datasets(ctx: StageContext, tasks: list[int], source: str, built: dict[int, Any] | None = None) -> dict[int, Any]:
+    """The stream ingest's datasets of ``tasks`` (those in ``built`` are kept): rows read once,
+    decoded and tokenised.
+
+    Every epoch of a streaming split re-executes its dataset, so the tasks whose decoded rows
+    together fit ``CACHE_FRACTION`` of the object store are materialised (Ray Data's advice for data
+    that fits), in ONE Ray Data execution split at the task boundaries (``split_at_indices`` of a
+    materialised dataset moves no data): one execution per task costs each its own start-up and
+    scheduling. The tasks past that budget stay lazy and stream every epoch (the at-scale path).
+    """
+    import itertools
+
+    import ray
+
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    out = dict(built or {})
+    budget = CACHE_FRACTION * store - sum(decoded_bytes(ctx, t) for t in out)
+    together = []
+    for t in (t for t in tasks if t not in out):
+        if decoded_bytes(ctx, t) <= budget:
+            together.append(t)
+            budget -= decoded_bytes(ctx, t)
+        else:
+            out[t] = decoded_dataset(ctx, [t], source)
+    if together:
+        sizes = [ctx.tasks[t].n_train for t in together]
+        rows = decoded_dataset(ctx, together, source).materialize()
+        bounds = list(itertools.accumulate(sizes))[:-1]
+        parts = rows.split_at_indices(bounds) if bounds else [rows]  # Ray refuses an empty split
+        for t, n, part in zip(together, sizes, parts):
+            if part.count() != n:  # metadata only
+                raise RuntimeError(f"task {t}: {part.count()} training rows read together with the others, {n} expected")
+            out[t] = part
+    return {t: out[t] for t in tasks}
 
 
 def train_dataset(ctx: StageContext, task: int, plan_stages: list[str]):
@@ -161,48 +195,6 @@ STREAM_RUN = "stream"  # the name of a run spanning the rest of a stream (train.
 def dataset_name(task: int) -> str:
     """The Train dataset holding ``task``'s training rows (``ray.train.get_dataset_shard(name)``)."""
     return f"train_{task}"
-
-
-def stream_datasets(ctx: StageContext, tasks: list[int], source: str, built: dict[int, Any] | None = None) -> dict[int, Any]:
-    """The stream ingest's datasets of ``tasks`` (those in ``built`` are kept).
-
-    The tasks whose decoded rows together fit ``CACHE_FRACTION`` of the object store are read,
-    decoded and materialised in ONE Ray Data execution, then split at the task boundaries
-    (``split_at_indices`` of a materialised dataset moves no data): on this machine that takes as
-    long as one task's (15 s), where one execution per task took 60-90 s for eight. The tasks past
-    that budget stay lazy and stream every epoch (the at-scale path).
-    """
-    import itertools
-
-    import ray
-    import ray.data
-
-    store = ray.cluster_resources().get("object_store_memory", 0)
-    out = dict(built or {})
-    budget = CACHE_FRACTION * store - sum(decoded_bytes(ctx, t) for t in out)
-    together = []
-    for t in (t for t in tasks if t not in out):
-        if decoded_bytes(ctx, t) <= budget:
-            together.append(t)
-            budget -= decoded_bytes(ctx, t)
-        else:
-            out[t] = stream_dataset(ctx, t, source, materialize=False)
-    if len(together) == 1:
-        out[together[0]] = stream_dataset(ctx, together[0], source, materialize=True)
-    elif together:
-        storage = ctx.storage
-        paths = [p for t in together for p in shard_paths(storage, ctx.shard_rel(t, "train"))]
-        ds = ray.data.read_parquet(paths, filesystem=storage.fs)
-        ds = ds.map_batches(encode_rows, fn_kwargs={"source": source, "task": {ctx.tasks[t].name: t for t in together}},
-                            batch_format="numpy", batch_size=64)
-        ds.context.execution_options.preserve_order = True  # the tasks' rows in the order read: the split is exact
-        sizes = [ctx.tasks[t].n_train for t in together]
-        parts = ds.materialize().split_at_indices(list(itertools.accumulate(sizes))[:-1])
-        for t, n, part in zip(together, sizes, parts):
-            if part.count() != n:  # metadata only
-                raise RuntimeError(f"task {t}: {part.count()} training rows read together with the others, {n} expected")
-            out[t] = part
-    return {t: out[t] for t in tasks}
 
 
 def make_trainer(ctx: StageContext, units: list[Unit], source: str, threads: int = 1,

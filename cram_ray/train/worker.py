@@ -223,11 +223,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _logger(ctx, int(first["task"]), rank)(f" worker {rank}/{world_size} ready in {startup:.1f}s "
                                            f"(resume: {resume and resume['meta']})")
     timings: dict[str, float] = {"worker_startup": startup}
+    unclaimed = startup  # the worker's start, counted in the first stage this run computes
     for unit in config["units"]:
         task = int(unit["task"])
         shard = ray.train.get_dataset_shard(dataset_name(task))
-        _run_unit(ctx, task, list(unit["stages"]), StreamPlan.from_json(unit["plan"]), shard, rt, device,
-                  resume, rank, world_size, config, timings, startup if unit is first else 0.0)
+        unclaimed = _run_unit(ctx, task, list(unit["stages"]), StreamPlan.from_json(unit["plan"]), shard, rt,
+                              device, resume, rank, world_size, config, timings, unclaimed)
     if resume:
         shutil.rmtree(resume["local"], ignore_errors=True)
     ray.train.report({"done": 1.0, **{f"seconds_{k}": v for k, v in timings.items()}})
@@ -235,9 +236,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _run_unit(ctx: StageContext, task: int, stages: list[str], plan: StreamPlan, shard: Any, rt: Any,
               device: torch.device, resume: Optional[dict[str, Any]], rank: int, world_size: int,
-              config: dict[str, Any], timings: dict[str, float], startup: float) -> None:
+              config: dict[str, Any], timings: dict[str, float], startup: float) -> float:
     """One task's stages of the run, each restored, run and committed in order. ``startup``: the
-    worker's own start, counted in the first stage of the run (0 for the tasks after it)."""
+    worker's own start, not yet counted in a stage: the first stage computed here counts it.
+    Returns what is left of it (0 once a stage ran)."""
     from cram_ray.pipeline.stages import restore, run_allocate, run_probe, run_train, save_state, with_features
 
     if world_size > plan.world_size:
@@ -266,6 +268,7 @@ def _run_unit(ctx: StageContext, task: int, stages: list[str], plan: StreamPlan,
         try:
             model, method = restore(ctx, task, stage, rt, scratch)
             t_restored = time.time()
+            waited = 0.0  # for data and for the engine's set-up: not compute
             workdir = scratch / "out"
             workdir.mkdir()
             if stage == "allocate":
@@ -294,8 +297,10 @@ def _run_unit(ctx: StageContext, task: int, stages: list[str], plan: StreamPlan,
                 fit = _ray_fit(ctx, task, stage, rank, fingerprint, batches, start_dir, fault, log)
                 body = run_probe if stage == "probe" else run_train
                 report = body(ctx, task, model, method, batches, fit)
+                engine_setup = batches.setup.get("engine_setup", 0.0)
+                waited = batches.wait + engine_setup
                 timings[f"task{task}_{stage}_data_wait"] = batches.wait
-                timings[f"task{task}_{stage}_engine_setup"] = batches.setup.get("engine_setup", 0.0)
+                timings[f"task{task}_{stage}_engine_setup"] = engine_setup
                 timings[f"task{task}_{stage}_batch_prep"] = batches.prepare
                 log(f" {stage}: waited {batches.wait:.1f}s for data, {batches.prepare:.1f}s padding + features")
             seconds = time.time() - t0
@@ -303,19 +308,16 @@ def _run_unit(ctx: StageContext, task: int, stages: list[str], plan: StreamPlan,
             if rank == 0:
                 if stage not in STATELESS:
                     save_state(method, workdir)
-                # the run's first stage includes the worker's own start (runtime, data); the time the
-                # steps waited for data, and the engine's set-up, are not compute either
-                idle = (t_restored - t0) + timings.get(f"task{task}_{stage}_data_wait", 0.0) \
-                    + timings.get(f"task{task}_{stage}_engine_setup", 0.0)
+                # the worker's own start (runtime, data) counts in the first stage it computes
+                idle = (t_restored - t0) + waited
                 result = StageResult(stage, task, report, seconds + startup, idle + startup)
-                startup = 0.0
                 ctx.ledger.commit(result, workdir)
                 log(f" {stage}: committed in {seconds:.1f}s")
-            else:
-                startup = 0.0
+            startup = 0.0
             barrier()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+    return startup
 
 
 def _resume_point(checkpoint: Any) -> Optional[dict[str, Any]]:
