@@ -5,6 +5,7 @@ functions around a DeepSpeed engine.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -15,6 +16,7 @@ from cram_ray.methods.base import Batch, ContinualMethod
 from cram_ray.train.progress import StepProgress
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
+IGNORE_INDEX = -100  # label of the positions that are not scored
 
 
 def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
@@ -41,12 +43,33 @@ def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def keeps_logits(model: nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def compute_loss(model: nn.Module, method: ContinualMethod, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Forward one batch with the method's routing; CE plus the method's extra terms."""
+    """Forward one batch with the method's routing; CE plus the method's extra terms.
+
+    The CE is the causal LM loss (mean over the answer tokens, as the model's own ``labels`` loss),
+    but logits are computed only at the positions whose next token is an answer token of some
+    sample in the batch (``logits_to_keep``): the LM head over the vocabulary at every prompt and
+    image position would otherwise be a large part of a small model's step.
+    """
     method.route(batch, training=True)
-    out = model(**model_inputs(batch))
-    loss = out.loss
-    logs = {"ce": float(out.loss.detach())}
+    inputs = model_inputs(batch)
+    if not keeps_logits(model):  # a model that only computes its own loss
+        out = model(**inputs)
+        loss = out.loss
+    else:
+        labels = inputs.pop("labels")
+        shifted = labels[:, 1:]
+        keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+        out = model(**inputs, logits_to_keep=keep)
+        logits = out.logits
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                           shifted[:, keep].reshape(-1), ignore_index=IGNORE_INDEX)
+    logs = {"ce": float(loss.detach())}
     for name, term in method.extra_losses(batch, out).items():
         loss = loss + term
         logs[name] = float(term.detach())
