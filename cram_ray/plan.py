@@ -207,13 +207,18 @@ def layer_activation_bytes(a: Arch, *, batch: int, seq: int, act_bytes: int, ada
     return act_bytes * (batch * seq * per_token + scores)
 
 
-def logits_bytes(a: Arch, *, batch: int, seq: int, act_bytes: int) -> float:
-    """The LM head's logits in the model dtype plus the loss's fp32 copy and log-softmax (4 + 4 bytes)."""
-    return batch * seq * a.vocab * (act_bytes + 8)
+def logits_bytes(a: Arch, *, batch: int, scored: int, act_bytes: int) -> float:
+    """The LM head's logits in the model dtype, the loss's fp32 copy of them (none when the model
+    is fp32: the copy is the same tensor) and its fp32 log-softmax.
+
+    The training loss asks for logits only at the positions whose next token is some sample's
+    answer token (``loop.compute_loss``); ``scored`` is the most such positions a batch can have:
+    every text position (an answer never starts inside <bos> or the image tokens)."""
+    return batch * scored * a.vocab * (act_bytes + (0 if act_bytes == 4 else 4) + 4)
 
 
-def activation_bytes(a: Arch, *, batch: int, seq: int, act_bytes: int, adapter_rank: int, checkpointing: bool,
-                     attention_scores: bool) -> float:
+def activation_bytes(a: Arch, *, batch: int, seq: int, scored: int, act_bytes: int, adapter_rank: int,
+                     checkpointing: bool, attention_scores: bool) -> float:
     """Training activations of one micro-batch: every layer's saved tensors, or with checkpointing
     each layer's input plus one layer recomputed at a time; the logits either way. The frozen
     vision tower and projector keep nothing (no parameter before them needs a gradient)."""
@@ -221,7 +226,7 @@ def activation_bytes(a: Arch, *, batch: int, seq: int, act_bytes: int, adapter_r
                                    attention_scores=attention_scores)
     inputs = batch * seq * a.hidden * act_bytes
     body = a.layers * inputs + layer if checkpointing else a.layers * layer + inputs
-    return body + logits_bytes(a, batch=batch, seq=seq, act_bytes=act_bytes)
+    return body + logits_bytes(a, batch=batch, scored=min(seq, scored), act_bytes=act_bytes)
 
 
 def kv_cache_bytes(a: Arch, *, batch: int, seq: int, new_tokens: int, act_bytes: int) -> float:
@@ -274,7 +279,7 @@ def estimate_memory(cfg: StreamConfig, *, arch: Optional[Arch] = None, attention
     stage = t.zero_stage if t.executor == "ray" else 0
     state = zero_state_bytes(adapters.trainable, stage=stage, world=world, param_bytes=weight_bytes, mixed=mixed)
     kwargs = dict(batch=micro, seq=seq, act_bytes=weight_bytes, adapter_rank=adapters.rank_per_target,
-                  attention_scores=attention_scores)
+                  attention_scores=attention_scores, scored=cfg.data.max_text_len)
     terms: dict[str, float] = {
         "overhead": overhead * GIB,
         "weights": sum(params.values()) * weight_bytes,

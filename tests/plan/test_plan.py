@@ -77,12 +77,18 @@ def test_activation_terms_by_hand():
     assert layer_activation_bytes(SMALL, batch=2, seq=3, act_bytes=2, adapter_rank=0, attention_scores=False) == 1632
     # the math kernel's softmax: heads x seq^2 x batch x bytes
     assert layer_activation_bytes(SMALL, batch=2, seq=3, act_bytes=2, adapter_rank=0, attention_scores=True) == 1632 + 72
-    assert logits_bytes(SMALL, batch=2, seq=3, act_bytes=2) == 2 * 3 * 10 * 10
-    full = activation_bytes(SMALL, batch=2, seq=3, act_bytes=2, adapter_rank=0, checkpointing=False, attention_scores=False)
-    ckpt = activation_bytes(SMALL, batch=2, seq=3, act_bytes=2, adapter_rank=0, checkpointing=True, attention_scores=False)
+    assert logits_bytes(SMALL, batch=2, scored=3, act_bytes=2) == 2 * 3 * 10 * 10  # bf16 + fp32 copy + fp32 log-softmax
+    assert logits_bytes(SMALL, batch=2, scored=3, act_bytes=4) == 2 * 3 * 10 * 8  # fp32: no copy
+    full = activation_bytes(SMALL, batch=2, seq=3, scored=5, act_bytes=2, adapter_rank=0, checkpointing=False,
+                            attention_scores=False)
+    ckpt = activation_bytes(SMALL, batch=2, seq=3, scored=5, act_bytes=2, adapter_rank=0, checkpointing=True,
+                            attention_scores=False)
     inputs = 2 * 3 * 8 * 2
     assert full == 2 * 1632 + inputs + 600
-    assert ckpt == 2 * inputs + 1632 + 600
+    assert ckpt == 2 * inputs + 1632 + 600  # logits at min(seq, scored) positions
+    fewer = activation_bytes(SMALL, batch=2, seq=3, scored=2, act_bytes=2, adapter_rank=0, checkpointing=False,
+                             attention_scores=False)
+    assert full - fewer == logits_bytes(SMALL, batch=2, scored=1, act_bytes=2)
     # KV cache: 2 L B (s + new) kv bytes
     assert kv_cache_bytes(SMALL, batch=3, seq=5, new_tokens=2, act_bytes=2) == 2 * 2 * 3 * 7 * 8 * 2
 
