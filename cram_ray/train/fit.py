@@ -56,11 +56,22 @@ def default_extensions_dir() -> str:
     return str(Path(sys.prefix) / "torch_extensions")
 
 
-def import_deepspeed():
-    """Import DeepSpeed with its op cache in a persistent directory (not /tmp)."""
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory all-reduce between CPU ranks on one host
+
+
+def import_deepspeed(*, cpu_ranks: int = 0):
+    """Import DeepSpeed with its op cache in a persistent directory (not /tmp).
+
+    ``cpu_ranks``: how many CPU ranks the run has (0: not a CPU run). DeepSpeed's CPU backend
+    JIT-compiles its shared-memory all-reduce op when its communication starts (~30 s on 2 cores,
+    once per environment); a single CPU rank never reduces across processes, so the op is marked
+    unavailable in DeepSpeed's own table of compatible ops and is neither built nor loaded.
+    """
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
     import deepspeed
 
+    if cpu_ranks == 1:
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
     return deepspeed
 
 
@@ -146,7 +157,7 @@ class Stepper:
         self.surgery = overrides_surgery(method)
         self.deepspeed = uses_deepspeed(train)
         if self.deepspeed:
-            ds = import_deepspeed()
+            ds = import_deepspeed(cpu_ranks=0 if train.use_gpu else self.world_size)
             self.engine, _, _, _ = ds.initialize(
                 model=self.module, model_parameters=self.params,
                 optimizer=optimizer_factory(train), lr_scheduler=schedule_factory(train, steps),
