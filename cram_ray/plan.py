@@ -211,8 +211,8 @@ def logits_bytes(a: Arch, *, batch: int, scored: int, act_bytes: int) -> float:
     """The LM head's logits in the model dtype, the loss's fp32 copy of them (none when the model
     is fp32: the copy is the same tensor) and its fp32 log-softmax.
 
-    The training loss asks for logits only at the positions whose next token is some sample's
-    answer token (``loop.compute_loss``); ``scored`` is the most such positions a batch can have:
+    The training loss projects onto the vocabulary only the positions whose next token is an
+    answer token (``loop.compute_loss``); ``scored`` is the most such positions a sample can have:
     every text position (an answer never starts inside <bos> or the image tokens)."""
     return batch * scored * a.vocab * (act_bytes + (0 if act_bytes == 4 else 4) + 4)
 

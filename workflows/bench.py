@@ -14,6 +14,10 @@ Subcommands:
          records per second and the preparing process's peak RSS (several sizes: its growth)
   omp    training seconds of a short tiny-cpu stream with torch's OpenMP threads spinning (ACTIVE)
          vs sleeping (PASSIVE) at barriers, alternated in one run; last line ``ratio X`` (ACTIVE / PASSIVE)
+  step   the tiny-cpu training step (CRAM, shipped base, in process), its variants alternated in one
+         run on the same batches: the model's own loss (logits at every position) with a separate
+         routing pass of the vision tower; logits at the answer positions only; and that with the
+         routing pass shared with the forward (the project's step); last line ``ratio X`` (now / before)
   stream a whole stream on Ray over a generated JPEG benchmark of N records (smoke model, a few steps
          per task): the driver's peak RSS while it prepares the shards, trains, aggregates and
          evaluates, and the stream's wall time
@@ -527,6 +531,60 @@ def bench_stream(args: argparse.Namespace) -> None:
         print(f"driver peak RSS {peak:.0f} MB")
 
 
+def bench_step(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from cram_ray.config import load_config
+    from cram_ray.models.features import add_routing_features
+    from cram_ray.models.vlm import model_inputs
+    from cram_ray.pipeline import stages
+    from cram_ray.pipeline.context import StageContext, runtime, task_records
+    from cram_ray.pipeline.driver import prepare_data
+    from cram_ray.train.loop import compute_loss
+
+    storage = Path(tempfile.mkdtemp(dir=args.tmp))
+    cfg = load_config(args.config, [f"storage={storage}", "tracking.enabled=false", "train.executor=local",
+                                    f"data.builtin.tasks=[{args.task}]", *args.overrides])
+    ctx = StageContext(cfg, "bench", prepare_data(cfg, "bench"))
+    rt = runtime(ctx)
+    model, method = stages.restore(ctx, 0, "probe", rt, storage)
+    records = task_records(ctx, 0, "train", storage)
+    method.begin_task(ctx.info(0))
+    method.begin_probe() if method.probe_steps(cfg.train.steps_per_task) else method.begin_train()
+    optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=cfg.train.lr)
+    bs = cfg.train.batch_size
+    batches = [rt.vlm.processor.train_batch(records[i:i + bs], [0] * bs) for i in range(0, len(records) - bs + 1, bs)]
+
+    def own_loss(batch):  # the model's own labels loss: logits at every position
+        method.route(batch, training=True)
+        out = model(**model_inputs(batch))
+        return out.loss + sum(method.extra_losses(batch, out).values(), torch.zeros(()))
+
+    variants = {"model's own loss, separate routing pass": (own_loss, False),
+                "answer-only logits, separate routing pass": (lambda b: compute_loss(model, method, b)[0], False),
+                "answer-only logits, shared routing pass": (lambda b: compute_loss(model, method, b)[0], True)}
+    seconds = dict.fromkeys(variants, 0.0)
+    model.train()
+    for r in range(args.rounds + 1):  # round 0 warms up
+        for name, (loss_of, shared) in variants.items():
+            t0 = time.perf_counter()
+            for i in range(args.steps):
+                batch = dict(batches[(r * args.steps + i) % len(batches)])
+                add_routing_features(batch, method.needs_features, rt.image_encoder, rt.text_encoder, for_model=shared)
+                optimizer.zero_grad(set_to_none=True)
+                loss_of(batch).backward()
+                optimizer.step()
+            if r:
+                seconds[name] += time.perf_counter() - t0
+    print(machine(torch.get_num_threads()))
+    print(f"tiny-cpu step, method {cfg.method.name}, task {args.task}, batch {bs}, {args.rounds} x {args.steps} steps per variant")
+    n = args.rounds * args.steps
+    for name, sec in seconds.items():
+        print(f"{name:45s} {1000 * sec / n:7.1f} ms/step")
+    first, last = list(seconds.values())[0], list(seconds.values())[-1]
+    print(f"ratio {last / first:.2f}")
+
+
 def bench_omp(args: argparse.Namespace) -> None:
     """The same short stream (one task, ``--steps`` LoRA-FT steps, in-process) in child processes
     that differ only in OMP_WAIT_POLICY, alternated so both see the same background load."""
@@ -673,6 +731,14 @@ def build_parser() -> argparse.ArgumentParser:
     omp.add_argument("--rounds", type=int, default=2)
     omp.add_argument("--tmp", default=None)
     omp.set_defaults(func=bench_omp)
+    step = sub.add_parser("step", help="the training step with and without answer-only logits and a shared vision pass")
+    step.add_argument("--config", default=str(CONFIGS / "tiny-cpu.yaml"))
+    step.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    step.add_argument("--task", default="compose")
+    step.add_argument("--steps", type=int, default=20, help="steps per variant and round")
+    step.add_argument("--rounds", type=int, default=2)
+    step.add_argument("--tmp", default=None)
+    step.set_defaults(func=bench_step)
     stream = sub.add_parser("stream", help="driver peak RSS of a Ray stream over a generated JPEG benchmark")
     stream.add_argument("--records", type=int, default=3000)
     stream.add_argument("--tasks", type=int, default=4)

@@ -12,12 +12,13 @@ L2-normalised by the model's own modules, at most 77 tokens, cached per string.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Literal, Optional
 
 import torch
 
-from cram_ray.models.vlm import VLM
+from cram_ray.models.vlm import IMAGE_FEATURES, VLM
 
 TEXT_MAX_TOKENS = 77
 TEXT_CACHE_SIZE = 65536  # distinct strings kept (instructions repeat; VQA-style questions may not)
@@ -47,16 +48,39 @@ class ImageRoutingEncoder:
         n_states = config.vision_config.num_hidden_layers + 1
         self.n_layers = n_states if layers == "all" else 1
         self.dim = 3 * config.vision_config.hidden_size * self.n_layers
+        self.llava = vlm.model.model  # get_image_features: the tower and projector, as the model's forward runs them
+        self.feature_layer = config.vision_feature_layer
+        self.select = config.vision_feature_select_strategy
+        # transformers' Llava forward takes precomputed image features (``mm_encoder_outputs``)
+        self.shares_pass = "mm_encoder_outputs" in inspect.signature(vlm.model.forward).parameters
+
+    def _pool(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        states = hidden_states if self.layers == "all" else hidden_states[-1:]
+        return torch.cat([pool_patches(h[:, self.skip:].float()) for h in states], dim=-1).cpu()
+
+    def _pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        param = next(self.tower.parameters())
+        return pixel_values.to(param.device, param.dtype)
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels -> (B, D) float32 features, on the CPU (they join the batch's other
         per-sample values). The tower runs where the model is: stages train the process's base
         itself (``Runtime.fresh_model``), so on a GPU worker this is the GPU."""
-        param = next(self.tower.parameters())
-        out = self.tower(pixel_values.to(param.device, param.dtype), output_hidden_states=True, return_dict=True)
-        states = out.hidden_states if self.layers == "all" else out.hidden_states[-1:]
-        return torch.cat([pool_patches(h[:, self.skip:].float()) for h in states], dim=-1).cpu()
+        out = self.tower(self._pixels(pixel_values), output_hidden_states=True, return_dict=True)
+        return self._pool(out.hidden_states)
+
+    @torch.no_grad()
+    def with_model_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing features and, from the same pass of the tower, the projected image features
+        the model's own forward would compute: (B, D) on the CPU and (B, image tokens, text width)
+        on the model's device. The tower and projector are frozen, so the model's forward can take
+        the second (``vlm.model_inputs``) instead of running the tower a second time."""
+        out = self.llava.get_image_features(pixel_values=self._pixels(pixel_values),
+                                            vision_feature_layer=self.feature_layer,
+                                            vision_feature_select_strategy=self.select,
+                                            output_hidden_states=True, return_dict=True)
+        return self._pool(out.hidden_states), torch.stack(list(out.pooler_output))
 
 
 def text_encoder_path(source: str) -> str:
@@ -108,15 +132,25 @@ def add_routing_features(
     needs: frozenset[str],
     image_enc: Optional[ImageRoutingEncoder],
     text_enc: Optional[TextRoutingEncoder],
+    *,
+    for_model: bool = False,
 ) -> dict[str, Any]:
-    """Add ``img_feat`` (B, D_img) if ``"image"`` in ``needs`` and ``txt_feat`` (B, D_txt) if ``"text"``."""
+    """Add ``img_feat`` (B, D_img) if ``"image"`` in ``needs`` and ``txt_feat`` (B, D_txt) if ``"text"``.
+
+    ``for_model``: the batch goes through the model's forward next (a training step); the image
+    pass also leaves the projected image features in the batch (``IMAGE_FEATURES``), so the
+    forward does not run the vision tower again.
+    """
     unknown = set(needs) - {"image", "text"}
     if unknown:
         raise ValueError(f"needs_features: expected a subset of {{'image', 'text'}}, got {sorted(unknown)}")
     if "image" in needs:
         if image_enc is None:
             raise ValueError("image routing features requested but no image encoder given")
-        batch["img_feat"] = image_enc(batch["pixel_values"])
+        if for_model and image_enc.shares_pass:
+            batch["img_feat"], batch[IMAGE_FEATURES] = image_enc.with_model_features(batch["pixel_values"])
+        else:
+            batch["img_feat"] = image_enc(batch["pixel_values"])
     if "text" in needs:
         if text_enc is None:
             raise ValueError("text routing features requested but no text encoder given")

@@ -46,6 +46,7 @@ from cram_ray.models.tokenizer import CompactTokenizer
 
 IGNORE_INDEX = -100
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
+IMAGE_FEATURES = "image_features"  # (B, image tokens, text width): the projector's output for the batch's pixels
 SAVE_FORMAT = "cram_ray.vlm/1"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "vlm.json"
@@ -396,8 +397,17 @@ def compact_processor_from_settings(settings: dict[str, Any]) -> VLMProcessor:
 
 
 # -- the bundle --------------------------------------------------------------------------------
-def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The part of a batch the VLM's forward takes. A batch that carries the projected image
+    features (``IMAGE_FEATURES``, computed with its routing features in one pass of the vision
+    tower) hands them to the forward as transformers' ``mm_encoder_outputs`` instead of the pixels."""
+    inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+    if IMAGE_FEATURES in batch:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        inputs.pop("pixel_values", None)
+        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(batch[IMAGE_FEATURES]))}
+    return inputs
 
 
 @dataclass

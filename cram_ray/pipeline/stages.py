@@ -62,11 +62,13 @@ def restore(ctx: StageContext, task: int, stage: str, rt: Runtime, scratch: Path
 
 
 # -- batches ---------------------------------------------------------------------------------
-def with_features(batch: Batch, method: ContinualMethod, rt: Runtime) -> Batch:
+def with_features(batch: Batch, method: ContinualMethod, rt: Runtime, *, for_model: bool = False) -> Batch:
+    """The batch with the routing features the method needs; ``for_model``: a training batch, whose
+    forward then reuses the routing pass of the vision tower (``add_routing_features``)."""
     from cram_ray.models.features import add_routing_features
 
     if method.needs_features:
-        add_routing_features(batch, method.needs_features, rt.image_encoder, rt.text_encoder)
+        add_routing_features(batch, method.needs_features, rt.image_encoder, rt.text_encoder, for_model=for_model)
     return batch
 
 
@@ -83,7 +85,7 @@ def train_stream(ctx: StageContext, task: int, rt: Runtime, method: ContinualMet
     def epoch(e: int):
         order = epoch_order(ctx.cfg.train.seed, task, e, len(records), bs, salt)  # the Ray executor's order too
         for recs in batches_of(records, bs, order):
-            yield with_features(rt.vlm.processor.train_batch(recs, [task] * len(recs)), method, rt)
+            yield with_features(rt.vlm.processor.train_batch(recs, [task] * len(recs)), method, rt, for_model=True)
 
     return cycle(epoch)
 

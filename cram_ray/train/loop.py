@@ -5,7 +5,6 @@ functions around a DeepSpeed engine.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -13,15 +12,10 @@ import torch
 from torch import nn
 
 from cram_ray.methods.base import Batch, ContinualMethod
+from cram_ray.models.vlm import model_inputs
 from cram_ray.train.progress import StepProgress
 
-MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
 IGNORE_INDEX = -100  # label of the positions that are not scored
-
-
-def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
-    """The part of a batch the VLM's forward takes."""
-    return {k: batch[k] for k in MODEL_KEYS if k in batch}
 
 
 def cosine_lambda(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
@@ -43,32 +37,38 @@ def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def keeps_logits(model: nn.Module) -> bool:
-    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+def answer_head(model: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
+    """(base model, LM head) of a transformers causal LM whose base model returns the last hidden
+    state (Llava: ``model.model`` and ``lm_head``); None for any other model."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "model", None)
+    return (base, head) if isinstance(head, nn.Module) and isinstance(base, nn.Module) else None
 
 
 def compute_loss(model: nn.Module, method: ContinualMethod, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward one batch with the method's routing; CE plus the method's extra terms.
 
     The CE is the causal LM loss (mean over the answer tokens, as the model's own ``labels`` loss),
-    but logits are computed only at the positions whose next token is an answer token of some
-    sample in the batch (``logits_to_keep``): the LM head over the vocabulary at every prompt and
-    image position would otherwise be a large part of a small model's step.
+    but the LM head projects onto the vocabulary only the hidden states whose next token is an
+    answer token: at every prompt and image position it would be a large part of a small model's
+    step, and its logits the largest activation of a large one. The base model runs as the causal
+    LM's own forward runs it (the methods' hooks and adapters included); the forward's output
+    handed to ``method.extra_losses`` is the base model's (no logits).
     """
     method.route(batch, training=True)
     inputs = model_inputs(batch)
-    if not keeps_logits(model):  # a model that only computes its own loss
+    parts = answer_head(model)
+    if parts is None:  # a model that only computes its own loss
         out = model(**inputs)
         loss = out.loss
     else:
+        base, head = parts
         labels = inputs.pop("labels")
-        shifted = labels[:, 1:]
-        keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-        out = model(**inputs, logits_to_keep=keep)
-        logits = out.logits
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                           shifted[:, keep].reshape(-1), ignore_index=IGNORE_INDEX)
+        targets = labels[:, 1:]
+        scored = targets != IGNORE_INDEX
+        out = base(**inputs)
+        logits = head(out.last_hidden_state[:, :-1][scored])
+        loss = nn.functional.cross_entropy(logits.float(), targets[scored])
     logs = {"ce": float(loss.detach())}
     for name, term in method.extra_losses(batch, out).items():
         loss = loss + term

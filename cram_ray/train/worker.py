@@ -292,7 +292,7 @@ def _run_unit(ctx: StageContext, task: int, stages: list[str], plan: StreamPlan,
                 batches = PhaseBatches(
                     stream, phase, rank=rank, shared=plan.phases[phase].shared, start=start_step,
                     collate=collate, merge=merge,
-                    features=lambda b, m=method: to_device(with_features(b, m, rt), device),
+                    features=lambda b, m=method: to_device(with_features(b, m, rt, for_model=True), device),
                 )
                 fit = _ray_fit(ctx, task, stage, rank, fingerprint, batches, start_dir, fault, log)
                 body = run_probe if stage == "probe" else run_train

@@ -1,11 +1,12 @@
-"""The training loss computes logits only where answers are scored, and equals the model's own loss."""
+"""The training loss projects only the answer positions onto the vocabulary, and equals the model's own loss."""
 import pytest
 import torch
 
 from cram_ray.config import load_config
 from cram_ray.data.records import Record
 from cram_ray.models.vlm import load_hf_llava
-from cram_ray.train.loop import compute_loss, keeps_logits, model_inputs
+from cram_ray.models.vlm import model_inputs
+from cram_ray.train.loop import answer_head, compute_loss
 
 TINY = ["model.kind=hf_llava", "model.init=random", "model.image_size=28", "model.patch_size=14",
         "model.vision_hidden=32", "model.vision_layers=1", "model.vision_heads=2", "model.text_hidden=64",
@@ -27,7 +28,7 @@ class _Plain:
 def test_answer_only_logits_give_the_models_own_loss_and_gradient(answers):
     vlm = load_hf_llava(None, load_config(None, TINY))
     model = vlm.model
-    assert keeps_logits(model)
+    assert answer_head(model) is not None
     recs = [Record(str(i), "t", None, "what colour is the square" + " please" * i, a, "exact")
             for i, a in enumerate(answers)]  # prompts of different lengths: answers at different positions
     batch = vlm.processor.train_batch(recs, [0] * len(recs))
