@@ -1,6 +1,8 @@
 """workflows/bench.py: each subcommand runs and prints what it promises."""
 import re
 import sys
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,3 +86,16 @@ def test_base_retrain_ships_a_verified_base_and_measures_both_precisions(capsys,
     shipped = tmp_path / "assets" / "smoke"
     assert verify_shipped(shipped)["model"]["base"]["steps"] == 2
     assert list(shipped_bases(tmp_path / "assets").values()) == [shipped]
+
+
+def test_step_times_every_variant_on_the_same_batches(capsys, cache_dir, tmp_path):
+    assert bench.main(["step", "--config", str(ROOT / "workflows/configs/smoke.yaml"), "--set",
+                       f"data.cache_dir={cache_dir}", "--steps", "2", "--rounds", "1", "--tmp", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    times = {name.strip(): float(ms) for name, ms in re.findall(r"^(.+?)\s+(\d+\.\d) ms/step$", out, re.M)}
+    assert set(times) == {"model's own loss, separate routing pass", "answer-only logits, separate routing pass",
+                          "answer-only logits, shared routing pass"}
+    assert all(ms > 0 for ms in times.values())
+    ratio = float(re.search(r"^ratio (\d+\.\d+)$", out, re.M).group(1))
+    assert ratio == pytest.approx(times["answer-only logits, shared routing pass"]
+                                  / times["model's own loss, separate routing pass"], abs=0.02)
