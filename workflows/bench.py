@@ -232,7 +232,7 @@ def _ingest_model(settings: dict, cfg_json: dict):
 
 
 def _train_step(model, optimizer, batch) -> None:
-    from cram_ray.train.loop import model_inputs
+    from cram_ray.models.vlm import model_inputs
 
     loss = model(**model_inputs(batch)).loss
     optimizer.zero_grad(set_to_none=True)

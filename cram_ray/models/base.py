@@ -39,15 +39,16 @@ from cram_ray.models.tokenizer import BYTE_TO_CHAR, CompactTokenizer, gpt2_token
 from cram_ray.models.vision_warmup import warm_up_vision
 from cram_ray.models.vlm import (
     DTYPES,
-    IGNORE_INDEX,
     META_FILE,
     VLM,
     WEIGHTS_FILE,
+    answer_loss,
     build_tiny_llava,
     compact_processor,
     freeze,
     load_hf_llava,
     load_vlm,
+    model_inputs,
     save_vlm,
 )
 
@@ -202,18 +203,6 @@ def warmup_cosine(step: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def answer_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (answer) positions, equal to the model's
-    own ``out.loss``, but the output layer runs only where a label is, not on every prompt token."""
-    hidden = model.model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-    ).last_hidden_state  # (B, T, H)
-    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
-    keep = targets != IGNORE_INDEX
-    logits = model.lm_head(hidden[:, :-1][keep])  # (N, V)
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
-
-
 def pretrain(vlm: VLM, records: Sequence[Record], base: BaseTrainConfig, log: Log = _print) -> list[float]:
     """Train every parameter of ``vlm.model`` on ``records``; returns the loss of every step."""
     model = vlm.model
@@ -243,7 +232,7 @@ def pretrain(vlm: VLM, records: Sequence[Record], base: BaseTrainConfig, log: Lo
         recs = [records[i] for i in order[cursor:cursor + bs]]
         cursor += bs
         batch = vlm.processor.train_batch(recs, [0] * len(recs))
-        loss = answer_loss(model, batch)
+        loss, _ = answer_loss(model, model_inputs(batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

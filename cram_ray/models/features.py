@@ -40,7 +40,8 @@ class ImageRoutingEncoder:
     def __init__(self, vlm: VLM, layers: Literal["last", "all"] = "all") -> None:
         if layers not in ("last", "all"):
             raise ValueError(f"model.routing_image_layers: expected 'last' or 'all', got {layers!r}")
-        self.tower = vlm.model.model.vision_tower
+        self.llava = vlm.model.model  # get_image_features: the tower and projector, as the model's forward runs them
+        self.tower = self.llava.vision_tower
         config = vlm.model.config
         self.layers = layers
         # CLIP prepends a CLS token; routing pools the patch tokens only
@@ -48,7 +49,6 @@ class ImageRoutingEncoder:
         n_states = config.vision_config.num_hidden_layers + 1
         self.n_layers = n_states if layers == "all" else 1
         self.dim = 3 * config.vision_config.hidden_size * self.n_layers
-        self.llava = vlm.model.model  # get_image_features: the tower and projector, as the model's forward runs them
         self.feature_layer = config.vision_feature_layer
         self.select = config.vision_feature_select_strategy
         # transformers' Llava forward takes precomputed image features (``mm_encoder_outputs``)

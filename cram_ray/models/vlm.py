@@ -410,6 +410,31 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return inputs
 
 
+def answer_head(model: torch.nn.Module) -> Optional[tuple[torch.nn.Module, torch.nn.Module]]:
+    """(base model, LM head) of a transformers causal LM whose base model returns the last hidden
+    state (Llava: ``model.model`` and ``lm_head``); None for any other model."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "model", None)
+    return (base, head) if isinstance(head, torch.nn.Module) and isinstance(base, torch.nn.Module) else None
+
+
+def answer_loss(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """Mean next-token cross-entropy over the labelled (answer) positions of ``inputs`` (a train
+    batch's :func:`model_inputs`), equal to the model's own ``out.loss``, but the LM head projects
+    onto the vocabulary only the hidden states whose next token is labelled: at every prompt and
+    image position it would be a large part of a small model's step, and its logits the largest
+    activation of a large one. The base model runs as the causal LM's own forward runs it (hooks
+    and adapters included). Returns (loss, the base model's output, which has no logits); the model
+    must have an :func:`answer_head`."""
+    base, head = answer_head(model)
+    inputs = dict(inputs)
+    targets = inputs.pop("labels")[:, 1:]  # position t predicts token t + 1
+    keep = targets != IGNORE_INDEX
+    out = base(**inputs)
+    logits = head(out.last_hidden_state[:, :-1][keep])  # (N, V)
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep]), out
+
+
 @dataclass
 class VLM:
     """A Llava, the processor that feeds it, and the config it was built from."""

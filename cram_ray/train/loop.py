@@ -12,11 +12,8 @@ import torch
 from torch import nn
 
 from cram_ray.methods.base import Batch, ContinualMethod
-from cram_ray.models.vlm import model_inputs
+from cram_ray.models.vlm import answer_head, answer_loss, model_inputs
 from cram_ray.train.progress import StepProgress
-
-IGNORE_INDEX = -100  # label of the positions that are not scored
-
 
 def cosine_lambda(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
     """Linear warm-up then cosine decay to zero, as a LambdaLR factor."""
@@ -37,38 +34,17 @@ def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def answer_head(model: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
-    """(base model, LM head) of a transformers causal LM whose base model returns the last hidden
-    state (Llava: ``model.model`` and ``lm_head``); None for any other model."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    base = getattr(model, "model", None)
-    return (base, head) if isinstance(head, nn.Module) and isinstance(base, nn.Module) else None
-
-
 def compute_loss(model: nn.Module, method: ContinualMethod, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Forward one batch with the method's routing; CE plus the method's extra terms.
-
-    The CE is the causal LM loss (mean over the answer tokens, as the model's own ``labels`` loss),
-    but the LM head projects onto the vocabulary only the hidden states whose next token is an
-    answer token: at every prompt and image position it would be a large part of a small model's
-    step, and its logits the largest activation of a large one. The base model runs as the causal
-    LM's own forward runs it (the methods' hooks and adapters included); the forward's output
-    handed to ``method.extra_losses`` is the base model's (no logits).
-    """
+    """Forward one batch with the method's routing; CE plus the method's extra terms. The CE is
+    the model's own causal LM loss, with the LM head run only at the answer positions
+    (``vlm.answer_loss``); ``method.extra_losses`` sees the base model's output (no logits)."""
     method.route(batch, training=True)
     inputs = model_inputs(batch)
-    parts = answer_head(model)
-    if parts is None:  # a model that only computes its own loss
+    if answer_head(model) is None:  # a model that only computes its own loss
         out = model(**inputs)
         loss = out.loss
     else:
-        base, head = parts
-        labels = inputs.pop("labels")
-        targets = labels[:, 1:]
-        scored = targets != IGNORE_INDEX
-        out = base(**inputs)
-        logits = head(out.last_hidden_state[:, :-1][scored])
-        loss = nn.functional.cross_entropy(logits.float(), targets[scored])
+        loss, out = answer_loss(model, inputs)
     logs = {"ce": float(loss.detach())}
     for name, term in method.extra_losses(batch, out).items():
         loss = loss + term

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import cram_ray.models.base as base_mod
-from cram_ray.models.base import answer_loss, build_vlm, exact_match, get_base_vlm, pretrain, warmup_cosine
+from cram_ray.models.base import build_vlm, exact_match, get_base_vlm, pretrain, warmup_cosine
 from cram_ray.models.tokenizer import CompactTokenizer
-from cram_ray.models.vlm import VLM, build_tiny_llava, compact_processor
+from cram_ray.models.vlm import VLM, answer_loss, build_tiny_llava, compact_processor, model_inputs
 from models_testdata import scene_records, scene_vocabulary
 
 
@@ -83,7 +83,7 @@ def test_answer_loss_equals_the_models_loss(cfg, tok):
     vlm = VLM(build_tiny_llava(cfg.model, tok), compact_processor(cfg.model, cfg.data, tok), cfg.model)
     batch = vlm.processor.train_batch(scene_records(6, cfg.model.image_size, seed=2), [0] * 6)
     with torch.no_grad():
-        assert torch.allclose(answer_loss(vlm.model, batch), vlm.loss(batch).loss, atol=1e-5)
+        assert torch.allclose(answer_loss(vlm.model, model_inputs(batch))[0], vlm.loss(batch).loss, atol=1e-5)
 
 
 def test_warmup_then_cosine_schedule():

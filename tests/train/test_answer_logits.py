@@ -5,8 +5,8 @@ import torch
 from cram_ray.config import load_config
 from cram_ray.data.records import Record
 from cram_ray.models.vlm import load_hf_llava
-from cram_ray.models.vlm import model_inputs
-from cram_ray.train.loop import answer_head, compute_loss
+from cram_ray.models.vlm import answer_head, model_inputs
+from cram_ray.train.loop import compute_loss
 
 TINY = ["model.kind=hf_llava", "model.init=random", "model.image_size=28", "model.patch_size=14",
         "model.vision_hidden=32", "model.vision_layers=1", "model.vision_heads=2", "model.text_hidden=64",
