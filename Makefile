@@ -9,7 +9,6 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install test test-recovery test-cluster test-all test-fast demo bench clean
 
@@ -25,6 +24,10 @@ install: $(STAMP)
 # `test` is the everyday suite; `test-recovery` kills drivers, workers and studies and checks what
 # the reruns resume; `test-cluster` runs the two-node cluster and the GPU check on CPU. CI runs all
 # three (.ci/run); README "Tests" has their measured times.
+# The suites run several processes at once on few cores: torch's OpenMP threads sleep at barriers
+# rather than spin (docs/performance.md, "Threads"); the demo keeps cram_ray's bounded spin.
+test test-recovery test-cluster test-fast: export OMP_WAIT_POLICY ?= PASSIVE
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=25 -m "not cluster and not recovery" tests
 

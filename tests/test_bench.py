@@ -99,3 +99,32 @@ def test_step_times_every_variant_on_the_same_batches(capsys, cache_dir, tmp_pat
     ratio = float(re.search(r"^ratio (\d+\.\d+)$", out, re.M).group(1))
     assert ratio == pytest.approx(times["answer-only logits, shared routing pass"]
                                   / times["model's own loss, separate routing pass"], abs=0.02)
+
+
+def test_omp_times_every_policy_each_round_and_reaps_its_load(capsys, cache_dir):
+    import os
+
+    before = {p for p in os.listdir("/proc") if p.isdigit()}
+    assert bench.main(["omp", "--config", str(ROOT / "workflows/configs/smoke.yaml"), "--steps", "2",
+                       "--rounds", "1", "--policies", "PASSIVE,spin", "--load", "1"]) == 0
+    out = capsys.readouterr().out
+    timed = re.findall(r"round 1 (PASSIVE|spin \d+)\s*: train stage\s+(\d+\.\d\d) s", out)
+    assert [name for name, _ in timed] == ["PASSIVE", f"spin {bench.SPIN_COUNT}"]
+    assert "1 busy processes beside" in out
+    ratio = float(re.search(r"ratio spin \d+ / PASSIVE: (\d+\.\d+)", out).group(1))
+    means = [float(s) for _, s in timed]
+    lo, hi = (means[1] - 0.005) / (means[0] + 0.005), (means[1] + 0.005) / (means[0] - 0.005)  # printed to 0.01 s
+    assert all(m > 0 for m in means) and lo - 0.001 <= ratio <= hi + 0.001
+    # the busy process it started is gone
+    leftover = [p for p in set(os.listdir("/proc")) - before if p.isdigit()
+                and "while True: pass" in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")]
+    assert leftover == []
+
+
+def test_omp_rejects_an_unknown_policy():
+    assert bench.omp_policies("PASSIVE,spin,spin=300,ACTIVE", "100") == {
+        "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin 100": {"GOMP_SPINCOUNT": "100"},
+        "spin 300": {"GOMP_SPINCOUNT": "300"}, "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"}}
+    for bad in ("SLEEP", "spin=many", "PASSIVE=3"):
+        with pytest.raises(SystemExit, match=f"unknown policy '{bad}'"):
+            bench.omp_policies(f"PASSIVE,{bad}", "100")

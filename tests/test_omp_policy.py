@@ -1,23 +1,31 @@
-"""cram_ray sets torch's OpenMP wait policy before torch loads, unless the user chose one."""
+"""cram_ray sets how torch's OpenMP threads wait before torch loads, unless the user chose."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 
-PROBE = "import cram_ray, os; print(os.environ['OMP_WAIT_POLICY'])"
+from cram_ray import SPIN_COUNT
+
+PROBE = "import cram_ray, os; print(os.environ.get('OMP_WAIT_POLICY', '-'), os.environ.get('GOMP_SPINCOUNT', '-'))"
+OMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
-def _policy(env_value):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if env_value is not None:
-        env["OMP_WAIT_POLICY"] = env_value
-    return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True).stdout.strip()
+def _policy(**chosen: str) -> tuple[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in OMP_ENV}
+    env.update(chosen)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    policy, spin = out.stdout.split()
+    return policy, spin
 
 
-def test_passive_unless_the_user_chose_a_policy():
-    assert _policy(None) == "PASSIVE"
-    assert _policy("ACTIVE") == "ACTIVE"
+def test_a_bounded_spin_unless_the_user_chose_how_threads_wait():
+    assert _policy() == ("-", SPIN_COUNT)
+    assert int(SPIN_COUNT) > 0
+    # either variable is a choice: libgomp derives the spin count from the policy, or takes it as given
+    assert _policy(OMP_WAIT_POLICY="PASSIVE") == ("PASSIVE", "-")
+    assert _policy(OMP_WAIT_POLICY="ACTIVE") == ("ACTIVE", "-")
+    assert _policy(GOMP_SPINCOUNT="0") == ("-", "0")
 
 
 def test_every_workflow_imports_cram_ray_before_torch():

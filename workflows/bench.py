@@ -12,8 +12,9 @@ Subcommands:
          in one run; last line ``ratio X`` (Ray / in-process)
   prepare  workflows/prepare_data.py on a generated LLaVA-JSON benchmark of N 96x96 JPEG records:
          records per second and the preparing process's peak RSS (several sizes: its growth)
-  omp    training seconds of a short tiny-cpu stream with torch's OpenMP threads spinning (ACTIVE)
-         vs sleeping (PASSIVE) at barriers, alternated in one run; last line ``ratio X`` (ACTIVE / PASSIVE)
+  omp    training seconds of a short tiny-cpu stream with torch's OpenMP threads sleeping at once
+         (PASSIVE), spinning a while (cram_ray's default) or spinning (ACTIVE) at barriers, alternated
+         in one run, optionally beside busy processes; ``ratio <variant> / PASSIVE: X`` lines
   step   the tiny-cpu training step (CRAM, shipped base, in process), its variants alternated in one
          run on the same batches: the model's own loss (logits at every position) with a separate
          routing pass of the vision tower; logits at the answer positions only; and that with the
@@ -32,7 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from cram_ray.cli import fail_cleanly  # first: cram_ray sets torch's OpenMP wait policy
+from cram_ray import SPIN_COUNT  # first: cram_ray sets how torch's OpenMP threads wait
+from cram_ray.cli import fail_cleanly
 
 import torch
 
@@ -585,33 +587,60 @@ def bench_step(args: argparse.Namespace) -> None:
     print(f"ratio {last / first:.2f}")
 
 
+def omp_policies(names: str, spin: str) -> dict[str, dict[str, str]]:
+    """``PASSIVE,spin,spin=3000,ACTIVE`` -> each variant's OpenMP environment (the others' variables
+    unset); ``spin`` spins ``spin`` iterations (GOMP_SPINCOUNT), ``spin=N`` N iterations."""
+    out = {}
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        kind, _, count = name.partition("=")
+        if kind in ("PASSIVE", "ACTIVE") and not count:
+            out[kind] = {"OMP_WAIT_POLICY": kind}
+        elif kind == "spin" and (count or spin).isdigit():
+            out[f"spin {count or spin}"] = {"GOMP_SPINCOUNT": count or spin}
+        else:
+            raise SystemExit(f"error: bench.py omp: --policies: unknown policy {name!r} "
+                             "(expected PASSIVE, ACTIVE, spin or spin=<iterations>)")
+    return out
+
+
 def bench_omp(args: argparse.Namespace) -> None:
-    """The same short stream (one task, ``--steps`` LoRA-FT steps, in-process) in child processes
-    that differ only in OMP_WAIT_POLICY, alternated so both see the same background load."""
+    """The same short stream (one task, ``--steps`` LoRA-FT steps) in child processes that differ
+    only in how torch's OpenMP threads wait at a barrier, alternated so all see the same background
+    load; ``--load N`` adds N busy processes for the whole measurement (an oversubscribed machine)."""
     import json
     import os
     import subprocess
     import tempfile
 
-    seconds: dict[str, list[float]] = {"ACTIVE": [], "PASSIVE": []}
-    with tempfile.TemporaryDirectory(prefix="cram-bench-omp-", dir=args.tmp) as tmp:
-        for round_ in range(args.rounds):
-            for policy in seconds:
-                out = Path(tmp) / f"{policy}-{round_}"
-                cmd = stream_command(args.config, out, "local", "method.name=lora_ft",
-                                     f"data.builtin.tasks=[{args.task}]", f"train.steps_per_task={args.steps}")
-                proc = subprocess.run(cmd, env={**os.environ, "OMP_WAIT_POLICY": policy},
-                                      capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"error: bench.py omp: stream.py failed: {proc.stderr.strip().splitlines()[-1:]}")
-                train = json.loads((out / "summary.json").read_text())["stage_seconds"]["train"]
-                seconds[policy].append(train)
-                print(f"round {round_ + 1} {policy:7s}: train stage {train:6.1f} s for {args.steps} steps "
-                      f"(load average {os.getloadavg()[0]:.1f})", flush=True)
-    active, passive = (sum(v) / len(v) for v in seconds.values())
-    print(f"machine: {os.cpu_count()} cores; {args.config}, task {args.task}")
-    print(f"mean train stage: ACTIVE {active:.1f} s, PASSIVE {passive:.1f} s")
-    print(f"ratio {active / passive:.3f}")
+    variants = omp_policies(args.policies, args.spin)
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
+    try:
+        with tempfile.TemporaryDirectory(prefix="cram-bench-omp-", dir=args.tmp) as tmp:
+            for round_ in range(args.rounds):
+                for name, omp_env in variants.items():
+                    out = Path(tmp) / f"{name.replace(' ', '-')}-{round_}"
+                    cmd = stream_command(args.config, out, args.executor, "method.name=lora_ft",
+                                         f"data.builtin.tasks=[{args.task}]", f"train.steps_per_task={args.steps}")
+                    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+                    proc = subprocess.run(cmd, env={**env, **omp_env}, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        raise SystemExit(f"error: bench.py omp: stream.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+                    train = json.loads((out / "summary.json").read_text())["stage_seconds"]["train"]
+                    seconds[name].append(train)
+                    print(f"round {round_ + 1} {name:12s}: train stage {train:7.2f} s for {args.steps} steps "
+                          f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    mean = {name: sum(v) / len(v) for name, v in seconds.items()}
+    print(f"machine: {os.cpu_count()} cores, {args.load} busy processes beside; {args.config}, task {args.task}, "
+          f"executor {args.executor}")
+    print("mean train stage: " + ", ".join(f"{name} {sec:.2f} s" for name, sec in mean.items()))
+    first = list(mean)[0]
+    for name in list(mean)[1:]:
+        print(f"ratio {name} / {first}: {mean[name] / mean[first]:.3f}")
 
 
 def bench_serve(args: argparse.Namespace) -> None:
@@ -724,11 +753,16 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--executor", choices=["local", "ray"], default="local")
     prep.add_argument("--tmp", default=None, help="folder for the generated benchmark (default: the system's)")
     prep.set_defaults(func=bench_prepare)
-    omp = sub.add_parser("omp", help="training time with OpenMP threads spinning vs sleeping at barriers")
+    omp = sub.add_parser("omp", help="training time with OpenMP threads sleeping, spinning a while, or spinning at barriers")
     omp.add_argument("--config", default=str(CONFIGS / "tiny-cpu.yaml"))
     omp.add_argument("--task", default="choice")
     omp.add_argument("--steps", type=int, default=30)
     omp.add_argument("--rounds", type=int, default=2)
+    omp.add_argument("--policies", default="PASSIVE,spin,ACTIVE",
+                     help="comma-separated: PASSIVE (sleep at once), spin (GOMP_SPINCOUNT=--spin), spin=N, ACTIVE (spin)")
+    omp.add_argument("--spin", default=SPIN_COUNT, help="the spin variant's GOMP_SPINCOUNT (default: cram_ray's)")
+    omp.add_argument("--load", type=int, default=0, help="busy processes running beside the measurement")
+    omp.add_argument("--executor", choices=["local", "ray"], default="local")
     omp.add_argument("--tmp", default=None)
     omp.set_defaults(func=bench_omp)
     step = sub.add_parser("step", help="the training step with and without answer-only logits and a shared vision pass")

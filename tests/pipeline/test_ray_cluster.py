@@ -4,6 +4,7 @@ import json
 import os
 import stat
 
+from cram_ray import SPIN_COUNT
 from cram_ray.cli import add_config_flags, resolve_config
 from cram_ray.pipeline.ray_cluster import PACKAGE_DIR, attach_runtime_env, secure_token_file
 
@@ -17,7 +18,11 @@ def test_a_plain_driver_ships_its_package_and_the_workers_environment():
     # the driver's own choices travel; unset hub switches default to offline
     assert env["env_vars"] == {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                                "OMP_WAIT_POLICY": "ACTIVE", "TORCH_EXTENSIONS_DIR": "/opt/ops"}
-    assert attach_runtime_env({})["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    # no OpenMP choice on the driver: the workers get the bounded spin (cram_ray/__init__.py)
+    assert attach_runtime_env({})["env_vars"]["GOMP_SPINCOUNT"] == SPIN_COUNT
+    assert "OMP_WAIT_POLICY" not in attach_runtime_env({})["env_vars"]
+    spin = attach_runtime_env({"GOMP_SPINCOUNT": "500"})["env_vars"]
+    assert spin["GOMP_SPINCOUNT"] == "500" and "OMP_WAIT_POLICY" not in spin
 
 
 def test_a_submitted_job_with_a_working_dir_ships_nothing_twice():
