@@ -241,8 +241,9 @@ def run_stream(
             tracker.task_done(t, tasks, {s: results[(t, s)] for s in STAGES}, matrix)
         if on_task is not None:
             on_task(t, task_progress(t, tasks, results))
-    summary = build_summary(cfg, tasks, results, time.time() - t_start, benchmark_name)
-    summary["resumed_stages_skipped"] = len(tasks) * len(STAGES) - len(ran)
+    skipped = len(tasks) * len(STAGES) - len(ran)
+    summary = build_summary(cfg, tasks, results, time.time() - t_start, benchmark_name, resumed=skipped > 0)
+    summary["resumed_stages_skipped"] = skipped
     summary["stages_run"] = [f"task_{t}/{s}" for t, s in ran]
     return summary
 
@@ -266,7 +267,9 @@ def task_progress(t: int, tasks: list[TaskMeta], results: dict[tuple[int, str], 
 
 
 def build_summary(cfg: StreamConfig, tasks: list[TaskMeta], results: dict[tuple[int, str], StageResult],
-                  wall: float, benchmark_name: Optional[str]) -> dict[str, Any]:
+                  wall: float, benchmark_name: Optional[str], *, resumed: bool = False) -> dict[str, Any]:
+    """The stream's summary.json. ``resumed``: some stages were committed by an earlier run, so
+    ``wall`` (this run's) does not cover their seconds and ``overhead_fraction`` is None."""
     matrix = [results[(t, "evaluate")].metrics["row"] for t in range(len(tasks))]
     final_eval = results[(len(tasks) - 1, "evaluate")].metrics
     stage_seconds: dict[str, float] = {s: 0.0 for s in STAGES}
@@ -276,9 +279,9 @@ def build_summary(cfg: StreamConfig, tasks: list[TaskMeta], results: dict[tuple[
         startup += res.startup_seconds
     compute = sum(stage_seconds.values()) - startup
     # everything but compute is orchestration: stage start-up (workers, actor pools, restores) and what
-    # no stage timed (data preparation, Train run set-up, driver work); meaningful for a fresh run only
-    stage_seconds.update({"startup": startup, "compute": compute, "wall": wall,
-                          "overhead_fraction": (wall - compute) / wall if wall > 0 else 0.0})
+    # no stage timed (data preparation, Train run set-up, driver work); defined for a fresh run only
+    overhead = None if resumed else ((wall - compute) / wall if wall > 0 else 0.0)
+    stage_seconds.update({"startup": startup, "compute": compute, "wall": wall, "overhead_fraction": overhead})
     params = [int(results[(t, "aggregate")].metrics.get("params_added", 0)) for t in range(len(tasks))]
     summary = {
         "method": cfg.method.name,

@@ -45,10 +45,14 @@ def test_smoke_stream_writes_the_summary_contract(tmp_path, cache_dir, method):
 def test_rerun_resumes_without_redoing_finished_stages(tmp_path, cache_dir):
     first = _run(tmp_path, cache_dir, "lora_ft")
     assert len(first["stages_run"]) == 15
+    secs = first["stage_seconds"]
+    assert secs["overhead_fraction"] == pytest.approx((secs["wall"] - secs["compute"]) / secs["wall"])
     # losing the last task's evaluation marker: only that stage reruns
     (tmp_path / "t/task_2/evaluate/_DONE.json").unlink()
     second = _run(tmp_path, cache_dir, "lora_ft")
     assert second["stages_run"] == ["task_2/evaluate"]
+    # this run's wall time covers one stage, the compute counts fifteen: no overhead figure
+    assert second["stage_seconds"]["overhead_fraction"] is None and second["resumed_stages_skipped"] == 14
     assert second["accuracy_matrix"] == first["accuracy_matrix"]
     # corrupting an earlier output reruns from there on, nothing before it
     state = tmp_path / "t/task_1/train/state.safetensors"
