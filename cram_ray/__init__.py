@@ -1,5 +1,6 @@
 """Continual instruction tuning of multimodal LLMs with CRAM, run on Ray."""
 import os
+from typing import Mapping
 
 # How torch's OpenMP threads (libgomp on Linux) wait at a barrier: libgomp reads it once, when torch
 # loads it, so it is set here, before any torch import a cram_ray entry point makes; Ray workers
@@ -13,7 +14,14 @@ import os
 # and under load (docs/performance.md). A choice the user made (OMP_WAIT_POLICY or GOMP_SPINCOUNT)
 # is kept; the Makefile's test targets choose PASSIVE.
 SPIN_COUNT = "30000"
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+OMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # either one set is the user's choice
+
+
+def omp_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The OpenMP wait variables for an environment: the ones it sets, else the bounded spin."""
+    return {k: environ[k] for k in OMP_ENV if environ.get(k)} or {"GOMP_SPINCOUNT": SPIN_COUNT}
+
+
+os.environ.update(omp_env(os.environ))
 
 __version__ = "0.1.0"

@@ -121,7 +121,7 @@ def test_omp_times_every_policy_each_round_and_reaps_its_load(capsys, cache_dir)
     assert leftover == []
 
 
-def test_omp_rejects_an_unknown_policy():
+def test_omp_parses_its_policies_and_rejects_an_unknown_one():
     assert bench.omp_policies("PASSIVE,spin,spin=300,ACTIVE", "100") == {
         "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin 100": {"GOMP_SPINCOUNT": "100"},
         "spin 300": {"GOMP_SPINCOUNT": "300"}, "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"}}

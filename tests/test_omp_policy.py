@@ -5,10 +5,9 @@ import os
 import subprocess
 import sys
 
-from cram_ray import SPIN_COUNT
+from cram_ray import OMP_ENV, SPIN_COUNT
 
 PROBE = "import cram_ray, os; print(os.environ.get('OMP_WAIT_POLICY', '-'), os.environ.get('GOMP_SPINCOUNT', '-'))"
-OMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def _policy(**chosen: str) -> tuple[str, str]:

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from cram_ray import SPIN_COUNT  # first: cram_ray sets how torch's OpenMP threads wait
+from cram_ray import OMP_ENV, SPIN_COUNT  # first: cram_ray sets how torch's OpenMP threads wait
 from cram_ray.cli import fail_cleanly
 
 import torch
@@ -622,7 +622,7 @@ def bench_omp(args: argparse.Namespace) -> None:
                     out = Path(tmp) / f"{name.replace(' ', '-')}-{round_}"
                     cmd = stream_command(args.config, out, args.executor, "method.name=lora_ft",
                                          f"data.builtin.tasks=[{args.task}]", f"train.steps_per_task={args.steps}")
-                    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+                    env = {k: v for k, v in os.environ.items() if k not in OMP_ENV}
                     proc = subprocess.run(cmd, env={**env, **omp_env}, capture_output=True, text=True)
                     if proc.returncode != 0:
                         raise SystemExit(f"error: bench.py omp: stream.py failed: {proc.stderr.strip().splitlines()[-1:]}")

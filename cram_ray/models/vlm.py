@@ -424,9 +424,13 @@ def answer_loss(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.T
     onto the vocabulary only the hidden states whose next token is labelled: at every prompt and
     image position it would be a large part of a small model's step, and its logits the largest
     activation of a large one. The base model runs as the causal LM's own forward runs it (hooks
-    and adapters included). Returns (loss, the base model's output, which has no logits); the model
-    must have an :func:`answer_head`."""
-    base, head = answer_head(model)
+    and adapters included). Returns (loss, the base model's output, which has no logits); a model
+    without an :func:`answer_head` computes its own loss, and its own output is returned."""
+    parts = answer_head(model)
+    if parts is None:
+        out = model(**inputs)
+        return out.loss, out
+    base, head = parts
     inputs = dict(inputs)
     targets = inputs.pop("labels")[:, 1:]  # position t predicts token t + 1
     keep = targets != IGNORE_INDEX

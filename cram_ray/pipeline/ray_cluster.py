@@ -28,7 +28,7 @@ import stat
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from cram_ray import SPIN_COUNT
+from cram_ray import omp_env
 from cram_ray.config import TrainConfig
 from cram_ray.pipeline.logs import ray_init_options, route_ray_output
 
@@ -37,8 +37,6 @@ LOOPBACK = "127.0.0.1"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the cram_ray package this driver runs
 # Set on every worker when the driver does not set them: a worker never reaches a model hub.
 WORKER_ENV_DEFAULTS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-# How torch's OpenMP threads wait (cram_ray/__init__.py): the driver's setting, else the bounded spin.
-OMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 # Passed on when the driver sets them; unset, the worker keeps its own (fit.py defaults the op cache).
 WORKER_ENV_FORWARDED = ("TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM")
 SHIP_EXCLUDES = ["__pycache__", "*.pyc"]
@@ -68,8 +66,7 @@ def attach_runtime_env(environ: Optional[dict[str, str]] = None) -> dict[str, An
     job = job_runtime_env(environ)
     env_vars = {k: environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}
     env_vars.update({k: environ[k] for k in WORKER_ENV_FORWARDED if environ.get(k)})
-    omp = {k: environ[k] for k in OMP_ENV if environ.get(k)}
-    env_vars.update(omp or {"GOMP_SPINCOUNT": SPIN_COUNT})
+    env_vars.update(omp_env(environ))  # how torch's OpenMP threads wait: the driver's choice, else the bounded spin
     # Ray refuses to merge a key both the job and ray.init set: the job's value stands
     taken = set(job.get("env_vars") or {})
     runtime_env: dict[str, Any] = {"env_vars": {k: v for k, v in env_vars.items() if k not in taken}}

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cram_ray.methods.base import Batch, ContinualMethod
-from cram_ray.models.vlm import answer_head, answer_loss, model_inputs
+from cram_ray.models.vlm import answer_loss, model_inputs
 from cram_ray.train.progress import StepProgress
 
 def cosine_lambda(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
@@ -37,14 +37,10 @@ def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -
 def compute_loss(model: nn.Module, method: ContinualMethod, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward one batch with the method's routing; CE plus the method's extra terms. The CE is
     the model's own causal LM loss, with the LM head run only at the answer positions
-    (``vlm.answer_loss``); ``method.extra_losses`` sees the base model's output (no logits)."""
+    (``vlm.answer_loss``); ``method.extra_losses`` sees the forward's output (the base model's,
+    without logits, for a causal LM with an answer head)."""
     method.route(batch, training=True)
-    inputs = model_inputs(batch)
-    if answer_head(model) is None:  # a model that only computes its own loss
-        out = model(**inputs)
-        loss = out.loss
-    else:
-        loss, out = answer_loss(model, inputs)
+    loss, out = answer_loss(model, model_inputs(batch))
     logs = {"ce": float(loss.detach())}
     for name, term in method.extra_losses(batch, out).items():
         loss = loss + term
