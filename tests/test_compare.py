@@ -1,7 +1,7 @@
 """Every registered method on the smoke stream, then workflows/compare.py over two of those streams.
 
 The smoke streams are written where compare.py puts them (``<dir>/<method>/seed_0``) with the config
-compare.py builds, so the comparison resumes them through their ledgers instead of training again.
+compare.py builds, so the comparison reads their summaries instead of training again.
 """
 import json
 import sys
@@ -80,11 +80,25 @@ def test_compare_writes_json_table_and_plots_equal_to_the_summaries(streams, cac
         assert cells["seeds"] == "1"
         assert s["environment"]["packages"]["torch"]
     assert "10 steps per task for every method" in md
-    # a second comparison resumes every finished stream without rerunning a stage
+    # the summaries the streams above wrote carry the run ids of these configs: read, nothing ran
+    # (those streams kept their ledgers in their own directories, not under the comparison's)
+    assert not any((streams / s["run_id"]).exists() for s in summaries)
+    # without its summary, a stream runs, then resumes through its ledger with every stage committed
+    olora = streams / "olora" / "seed_0" / "summary.json"
+    for rerun in (True, False):
+        olora.unlink()
+        assert compare.main(argv) == 0
+        again = json.loads((streams / "compare.json").read_text())
+        assert again[0] == summaries[0] and again[1]["accuracy_matrix"] == summaries[1]["accuracy_matrix"]
+        assert bool(again[1]["stages_run"]) is rerun and (streams / summaries[1]["run_id"]).is_dir()
+    # a summary under another run id (another config, benchmark or base) is not reused
+    import shutil
+
+    shutil.rmtree(streams / summaries[1]["run_id"])
+    olora.write_text(json.dumps(json.loads(olora.read_text()) | {"run_id": "olora-0000000000"}))
     assert compare.main(argv) == 0
-    again = json.loads((streams / "compare.json").read_text())
-    assert all(s["stages_run"] == [] for s in again)
-    assert [s["accuracy_matrix"] for s in again] == [s["accuracy_matrix"] for s in summaries]
+    kept = json.loads((streams / "compare.json").read_text())
+    assert kept[1]["run_id"] == summaries[1]["run_id"] and kept[1]["stages_run"]
 
 
 def test_mean_and_std_over_seeds():
@@ -119,6 +133,21 @@ def test_report_logs_to_an_mlflow_parent_run(tmp_path):
     assert run.info.status == "FINISHED" and run.data.metrics["a.mfn"] == 40.0
     logged = {a.path for a in client.list_artifacts(parent.run_id)}
     assert set(files) <= logged
+
+
+def test_a_parent_run_adopts_the_runs_its_store_holds(tmp_path):
+    from mlflow import MlflowClient
+
+    from cram_ray.config import load_config
+    from cram_ray.tracking.mlflow_tracker import TAG_PARENT, ParentRun
+
+    cfg = load_config(SMOKE, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    parent = ParentRun(cfg, tmp_path, "compare-test", {}, kind="compare")
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    child = client.create_run(client.get_run(parent.run_id).info.experiment_id).info.run_id
+    parent.adopt(child)
+    parent.adopt("0" * 32)  # a kept summary's run, from a store that is gone: left out, no error
+    assert client.get_run(child).data.tags[TAG_PARENT] == parent.run_id
 
 
 def test_bad_input_fails_with_one_line(tmp_path, capsys):

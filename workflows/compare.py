@@ -6,7 +6,10 @@
                                 [--executor local|ray] [--restart] [--set key=value ...] [--dry-run]
 
 Every (method, seed) stream runs, or resumes through its ledger ``DIR/<run_id>/``, and writes its
-summary and plots to ``DIR/<method>/seed_<s>/``; the benchmark is prepared once for all of them in
+summary and plots to ``DIR/<method>/seed_<s>/``. A stream whose ``summary.json`` is already there with
+the same run id (the same config, benchmark and code versions: see ``default_run_id``) is read, not
+rerun, even when its ledger is gone: a long comparison can be run in parts on machines that keep
+only the summaries (``--restart`` reruns every stream). The benchmark is prepared once for all of them in
 ``DIR/datasets/``. Every stream has the same config (``--set train.seed=<s>`` and the method name
 are the only differences, so every method gets the same ``train.steps_per_task``). Then ``DIR/compare.json`` (the list of
 summaries), ``DIR/compare.md`` (MFT, MFN, MAA, BWT, routing accuracy, parameters added and stage
@@ -25,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 
 from cram_ray.cli import add_config_flags, add_restart_flag, dry_run, fail_cleanly, resolve_config
@@ -115,6 +118,18 @@ def run_config(args: argparse.Namespace, method: str, seed: int, extra: list[str
     # one storage root for every stream: the benchmark is prepared once, run ids keep the ledgers apart
     own_dir = cfg.storage == normalize_location(ns.out)  # storage came from --out, not from the config
     return cfg.replace(storage=normalize_location(args.out)) if own_dir else cfg
+
+
+def finished_summary(out: Storage, method: str, seed: int, cfg: StreamConfig) -> Optional[dict[str, Any]]:
+    """The summary an earlier comparison wrote for this very stream, or None: it must carry the run
+    id this config would run under, so a summary of another config, benchmark or base is never reused."""
+    from cram_ray.pipeline.driver import default_run_id
+
+    rel = f"{method}/seed_{seed}/summary.json"
+    if not out.exists(rel):
+        return None
+    summary = out.read_json(rel)
+    return summary if summary.get("run_id") == default_run_id(cfg) else None
 
 
 def stage_time(summary: dict[str, Any]) -> float:
@@ -246,8 +261,13 @@ def compare(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
             for seed in seeds:
                 t0 = time.time()
                 print(f"[compare] {method} seed {seed} -> {run_dir(out, method, seed)}", flush=True)
-                summary = run_and_report(configs[(method, seed)], out=run_dir(out, method, seed),
-                                         restart=args.restart)
+                summary = None if args.restart else finished_summary(out, method, seed, configs[(method, seed)])
+                if summary is not None:
+                    print(f"[compare] {method} seed {seed}: finished earlier (run {summary['run_id']}), "
+                          "summary.json read", flush=True)
+                else:
+                    summary = run_and_report(configs[(method, seed)], out=run_dir(out, method, seed),
+                                             restart=args.restart)
                 summary["run_dir"] = str(run_dir(out, method, seed))
                 summary["label"] = method
                 parent.adopt(summary.get("mlflow_run_id"))

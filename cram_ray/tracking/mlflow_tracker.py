@@ -408,9 +408,17 @@ class ParentRun:
         self.run_id = self.tracker.start(params)
 
     def adopt(self, child_run_id: Optional[str]) -> None:
-        """Show a stream's run under this one in the MLflow UI."""
+        """Show a stream's run under this one in the MLflow UI (a run this store does not hold, such
+        as a stream whose summary was kept but whose tracking store was not, is left out)."""
         if self.run_id and child_run_id:
-            self.tracker._connect().set_tag(child_run_id, TAG_PARENT, self.run_id)
+            from mlflow.exceptions import MlflowException
+
+            client = self.tracker._connect()
+            try:
+                client.get_run(child_run_id)
+            except MlflowException:
+                return
+            client.set_tag(child_run_id, TAG_PARENT, self.run_id)
 
     def finish(self, metrics: Mapping[str, Any], files: list[Path]) -> None:
         self.tracker.log_metrics(metrics)
