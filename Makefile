@@ -12,11 +12,15 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: install test test-recovery test-cluster test-all test-fast demo bench clean
 
+# --no-compile: pip would compile every module of every package (~25,000 files, minutes on 2 cores);
+# cram_ray.precompile then writes the bytecode of the modules a stream imports, once
+# (docs/performance.md, "Installing"; `python workflows/bench.py install` measures both).
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	@echo "installing cram_ray and its dependencies into $(VENV) (pip's messages: $(VENV)/install.log)"
-	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[dev]" > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	$(BIN)/pip install -q --no-compile $(CONSTRAINTS) -e ".[dev]" > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	$(BIN)/python -m cram_ray.precompile 2>> $(VENV)/install.log
 	touch $(STAMP)
 
 install: $(STAMP)

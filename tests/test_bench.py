@@ -128,3 +128,52 @@ def test_omp_parses_its_policies_and_rejects_an_unknown_one():
     for bad in ("SLEEP", "spin=many", "PASSIVE=3"):
         with pytest.raises(SystemExit, match=f"unknown policy '{bad}'"):
             bench.omp_policies(f"PASSIVE,{bad}", "100")
+
+
+def test_install_times_both_variants_and_only_one_compiles(capsys, tmp_path):
+    # a one-module wheel installed without an index: the bench's own steps, not the package's size
+    import zipfile
+
+    wheel = tmp_path / "tinypkg-0.1-py3-none-any.whl"
+    files = {"tinypkg/__init__.py": "VALUE = 1\n",
+             "tinypkg-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: tinypkg\nVersion: 0.1\n",
+             "tinypkg-0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files["tinypkg-0.1.dist-info/RECORD"] = "".join(f"{name},,\n" for name in [*files, "tinypkg-0.1.dist-info/RECORD"])
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+    assert bench.main(["install", "--spec", str(wheel), "--constraints", "", "--imports", "tinypkg,json",
+                       "--pip-args=--no-index", "--no-upgrade-pip", "--tmp", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"round 1 (\S+)\s*: install\s+\d+\.\d s \(([+-]\d+) bytecode files\)", out))
+    assert set(rows) == {"compile", "no-compile", "precompile"}
+    # pip compiled the module; without it nothing was; cram_ray.precompile wrote the imported one's
+    # bytecode whatever PYTHONDONTWRITEBYTECODE says
+    assert int(rows["compile"]) >= 1 and int(rows["no-compile"]) == 0 and int(rows["precompile"]) == 1
+    assert re.search(r"ratio no-compile / compile: \d+\.\d{3}\nratio precompile / compile: \d+\.\d{3}$", out.strip())
+    assert not list(tmp_path.glob("cram-bench-install-*"))
+
+
+def test_install_command_compiles_unless_told_not_to(tmp_path):
+    cmd = bench.install_command(tmp_path, ["-e", "x[dev]"], "c.txt", False, ["--no-index"])
+    assert cmd[-4:] == ["-c", "c.txt", "-e", "x[dev]"] and "--no-compile" in cmd and "--no-index" in cmd
+    assert "--no-compile" not in bench.install_command(tmp_path, ["x"], "", True, [])
+
+
+def test_precompile_writes_bytecode_even_when_told_not_to_and_skips_missing_extras(tmp_path, monkeypatch):
+    import subprocess
+
+    (tmp_path / "freshmod.py").write_text("X = 1\n")
+    env = {**__import__("os").environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(ROOT / "cram_ray/precompile.py"), "freshmod", "not_installed_extra"],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert list((tmp_path / "__pycache__").glob("freshmod.*.pyc"))
+    assert "skipped: not_installed_extra" in proc.stdout
+    # a module that is there but imports something missing is an error, not a skip
+    (tmp_path / "broken.py").write_text("import not_there_at_all\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from cram_ray.precompile import precompile
+
+    with pytest.raises(ModuleNotFoundError):
+        precompile(("broken",))

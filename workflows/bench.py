@@ -15,6 +15,11 @@ Subcommands:
   omp    training seconds of a short tiny-cpu stream with torch's OpenMP threads sleeping at once
          (PASSIVE), spinning a while (cram_ray's default) or spinning (ACTIVE) at barriers, alternated
          in one run, optionally beside busy processes; ``ratio <variant> / PASSIVE: X`` lines
+  install  a fresh venv per variant installing the package as ``make`` does: pip compiling every
+         module's bytecode; ``--no-compile``; and ``--no-compile`` then ``cram_ray.precompile``
+         (what the Makefile does); each followed by two imports of the modules a Ray stream's
+         processes load, in this shell's environment (with ``PYTHONDONTWRITEBYTECODE`` set, every
+         process compiles what has no bytecode); ``ratio <variant> / compile: X`` lines
   step   the tiny-cpu training step (CRAM, shipped base, in process), its variants alternated in one
          run on the same batches: the model's own loss (logits at every position) with a separate
          routing pass of the vision tower; logits at the answer positions only; and that with the
@@ -35,12 +40,14 @@ from pathlib import Path
 
 from cram_ray import OMP_ENV, SPIN_COUNT  # first: cram_ray sets how torch's OpenMP threads wait
 from cram_ray.cli import fail_cleanly
+from cram_ray.precompile import STREAM_IMPORTS
 
 import torch
 
 from cram_ray.methods.cram.rank import allocate
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "workflows" / "configs"
 
 
 def bench_rank(args: argparse.Namespace) -> None:
@@ -643,6 +650,71 @@ def bench_omp(args: argparse.Namespace) -> None:
         print(f"ratio {name} / {first}: {mean[name] / mean[first]:.3f}")
 
 
+def install_command(venv: Path, spec: list[str], constraints: str, compile_: bool, pip_args: list[str]) -> list[str]:
+    """pip install of ``spec`` into ``venv``, with or without compiling bytecode."""
+    cmd = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *pip_args]
+    if not compile_:
+        cmd.append("--no-compile")
+    if constraints:
+        cmd += ["-c", constraints]
+    return cmd + spec
+
+
+def count_bytecode(venv: Path) -> int:
+    return sum(1 for _ in venv.rglob("*.pyc"))
+
+
+def bench_install(args: argparse.Namespace) -> None:
+    """Install time with pip compiling every module, with no compilation, and with no compilation
+    followed by ``cram_ray.precompile`` (counted in the install), each plus what the next two
+    processes importing a stream's modules pay: fresh venvs with pip upgraded first (untimed), as
+    ``make`` does; variants alternated over ``--rounds``."""
+    import os
+    import shlex
+    import shutil
+    import subprocess
+    import tempfile
+
+    spec = shlex.split(args.spec) if args.spec else ["-e", f"{ROOT}[dev]"]
+    pip_args = shlex.split(args.pip_args)
+    imports = [m.strip() for m in args.imports.split(",") if m.strip()]
+    script = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)"
+    totals: dict[str, list[float]] = {"compile": [], "no-compile": [], "precompile": []}
+
+    def timed(cmd: list[str], what: str) -> float:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: bench.py install: {what} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        return time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory(prefix="cram-bench-install-", dir=args.tmp) as tmp:
+        for round_ in range(args.rounds):
+            for name in totals:
+                venv = Path(tmp) / f"{name}-{round_}"
+                python = str(venv / "bin" / "python")
+                timed([args.python, "-m", "venv", str(venv)], "creating the venv")
+                if args.upgrade_pip:  # as make does: a recent pip installs faster than the venv's own
+                    timed([python, "-m", "pip", "install", "-q", "--upgrade", "pip", *pip_args], "upgrading pip")
+                before = count_bytecode(venv)
+                install = timed(install_command(venv, spec, args.constraints, name == "compile", pip_args), "pip install")
+                if name == "precompile":
+                    install += timed([python, str(ROOT / "cram_ray" / "precompile.py"), *imports], "cram_ray.precompile")
+                added = count_bytecode(venv) - before
+                first = timed([python, "-c", script, *imports], "the first import")
+                second = timed([python, "-c", script, *imports], "the second import")
+                totals[name].append(install + first)
+                print(f"round {round_ + 1} {name:10s}: install {install:6.1f} s ({added:+d} bytecode files), "
+                      f"first import {first:5.1f} s, second {second:5.1f} s", flush=True)
+                shutil.rmtree(venv, ignore_errors=True)
+    mean = {name: sum(v) / len(v) for name, v in totals.items()}
+    print(f"machine: {os.cpu_count()} cores; PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}; "
+          f"imports: {','.join(imports)}")
+    print("mean install + first import: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in mean.items()))
+    for name in ("no-compile", "precompile"):
+        print(f"ratio {name} / compile: {mean[name] / mean['compile']:.3f}")
+
+
 def bench_serve(args: argparse.Namespace) -> None:
     """Latency and throughput of the Serve app over HTTP on 127.0.0.1, batched vs one request per
     forward pass, same replica resources and clients (a smoke stream is run first without --run)."""
@@ -765,6 +837,17 @@ def build_parser() -> argparse.ArgumentParser:
     omp.add_argument("--executor", choices=["local", "ray"], default="local")
     omp.add_argument("--tmp", default=None)
     omp.set_defaults(func=bench_omp)
+    inst = sub.add_parser("install", help="pip install with and without bytecode compilation, plus the first import")
+    inst.add_argument("--spec", default="", help="what pip installs (default: -e <repo>[dev], as make does)")
+    inst.add_argument("--constraints", default=str(ROOT / "constraints-cpu.txt"), help="pip's -c file ('' for none)")
+    inst.add_argument("--pip-args", default="", help="more pip install arguments, one string")
+    inst.add_argument("--imports", default=",".join(STREAM_IMPORTS), help="comma-separated modules imported after the install")
+    inst.add_argument("--python", default=sys.executable, help="the interpreter that creates the venvs")
+    inst.add_argument("--no-upgrade-pip", dest="upgrade_pip", action="store_false",
+                      help="keep the venv's own pip (make upgrades it first; not timed)")
+    inst.add_argument("--rounds", type=int, default=1)
+    inst.add_argument("--tmp", default=None)
+    inst.set_defaults(func=bench_install)
     step = sub.add_parser("step", help="the training step with and without answer-only logits and a shared vision pass")
     step.add_argument("--config", default=str(CONFIGS / "tiny-cpu.yaml"))
     step.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
