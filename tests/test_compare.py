@@ -101,6 +101,17 @@ def test_compare_writes_json_table_and_plots_equal_to_the_summaries(streams, cac
     assert kept[1]["run_id"] == summaries[1]["run_id"] and kept[1]["stages_run"]
 
 
+def test_an_unreadable_summary_is_not_reused(tmp_path, capsys):
+    from cram_ray.pipeline.ledger import Storage
+
+    (tmp_path / "cram" / "seed_0").mkdir(parents=True)
+    (tmp_path / "cram" / "seed_0" / "summary.json").write_text('{"run_id": "cram-')  # cut short
+    assert compare.finished_summary(Storage(str(tmp_path)), "cram", 0, cfg=None) is None
+    assert "cram/seed_0/summary.json: not a summary" in capsys.readouterr().out
+    (tmp_path / "cram" / "seed_0" / "summary.json").write_text("[]")
+    assert compare.finished_summary(Storage(str(tmp_path)), "cram", 0, cfg=None) is None
+
+
 def test_mean_and_std_over_seeds():
     def fake(method, seed, mfn, routing):
         return {"method": method, "seed": seed, "mft": 50.0, "mfn": mfn, "maa": 40.0, "bwt": -10.0,

@@ -128,7 +128,13 @@ def finished_summary(out: Storage, method: str, seed: int, cfg: StreamConfig) ->
     rel = f"{method}/seed_{seed}/summary.json"
     if not out.exists(rel):
         return None
-    summary = out.read_json(rel)
+    try:
+        summary = out.read_json(rel)
+    except ValueError:
+        print(f"[compare] {out.location(rel)}: not a summary (unreadable JSON); the stream runs or resumes", flush=True)
+        return None
+    if not isinstance(summary, dict):
+        return None
     return summary if summary.get("run_id") == default_run_id(cfg) else None
 
 
