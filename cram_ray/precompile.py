@@ -21,17 +21,20 @@ STREAM_IMPORTS = ("cram_ray.pipeline.run", "cram_ray.pipeline.ray_executor", "cr
 
 
 def precompile(modules: tuple[str, ...] = STREAM_IMPORTS) -> list[str]:
-    """Import ``modules`` with bytecode writing on; returns those that are not installed (an extra
-    left out), which are skipped."""
-    sys.dont_write_bytecode = False
+    """Import ``modules`` with bytecode writing on (the process's setting is restored after); returns
+    those that are not installed (an extra left out), which are skipped."""
+    before, sys.dont_write_bytecode = sys.dont_write_bytecode, False
     missing = []
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if not (err.name and name.startswith(err.name.split(".")[0])):
-                raise
-            missing.append(name)
+    try:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as err:
+                if not (err.name and name.startswith(err.name.split(".")[0])):
+                    raise
+                missing.append(name)
+    finally:
+        sys.dont_write_bytecode = before
     return missing
 
 

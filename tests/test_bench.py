@@ -130,7 +130,7 @@ def test_omp_parses_its_policies_and_rejects_an_unknown_one():
             bench.omp_policies(f"PASSIVE,{bad}", "100")
 
 
-def test_install_times_both_variants_and_only_one_compiles(capsys, tmp_path):
+def test_install_times_every_variant_and_counts_the_bytecode_each_writes(capsys, tmp_path):
     # a one-module wheel installed without an index: the bench's own steps, not the package's size
     import zipfile
 
@@ -161,10 +161,11 @@ def test_install_command_compiles_unless_told_not_to(tmp_path):
 
 
 def test_precompile_writes_bytecode_even_when_told_not_to_and_skips_missing_extras(tmp_path, monkeypatch):
+    import os
     import subprocess
 
     (tmp_path / "freshmod.py").write_text("X = 1\n")
-    env = {**__import__("os").environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(tmp_path)}
     proc = subprocess.run([sys.executable, str(ROOT / "cram_ray/precompile.py"), "freshmod", "not_installed_extra"],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -175,5 +176,7 @@ def test_precompile_writes_bytecode_even_when_told_not_to_and_skips_missing_extr
     monkeypatch.syspath_prepend(str(tmp_path))
     from cram_ray.precompile import precompile
 
+    setting = sys.dont_write_bytecode
     with pytest.raises(ModuleNotFoundError):
         precompile(("broken",))
+    assert sys.dont_write_bytecode == setting  # the process's own setting, restored

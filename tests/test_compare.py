@@ -110,6 +110,7 @@ def test_an_unreadable_summary_is_not_reused(tmp_path, capsys):
     assert "cram/seed_0/summary.json: not a summary" in capsys.readouterr().out
     (tmp_path / "cram" / "seed_0" / "summary.json").write_text("[]")
     assert compare.finished_summary(Storage(str(tmp_path)), "cram", 0, cfg=None) is None
+    assert "cram/seed_0/summary.json: not a summary" in capsys.readouterr().out
 
 
 def test_mean_and_std_over_seeds():

@@ -103,9 +103,13 @@ def label_of(summary: dict[str, Any]) -> str:
     return summary.get("label") or summary["method"]
 
 
+def run_rel(method: str, seed: int) -> str:
+    return f"{method}/seed_{seed}"
+
+
 def run_dir(out: Storage, method: str, seed: int) -> str:
     """Where one stream of the comparison writes: a directory or URI under ``out``."""
-    return out.location(f"{method}/seed_{seed}")
+    return out.location(run_rel(method, seed))
 
 
 def run_config(args: argparse.Namespace, method: str, seed: int, extra: list[str]) -> StreamConfig:
@@ -125,15 +129,16 @@ def finished_summary(out: Storage, method: str, seed: int, cfg: StreamConfig) ->
     id this config would run under, so a summary of another config, benchmark or base is never reused."""
     from cram_ray.pipeline.driver import default_run_id
 
-    rel = f"{method}/seed_{seed}/summary.json"
+    rel = f"{run_rel(method, seed)}/summary.json"
     if not out.exists(rel):
         return None
     try:
         summary = out.read_json(rel)
     except ValueError:
-        print(f"[compare] {out.location(rel)}: not a summary (unreadable JSON); the stream runs or resumes", flush=True)
-        return None
+        summary = None
     if not isinstance(summary, dict):
+        print(f"[compare] {out.location(rel)}: not a summary (expected a JSON object); the stream runs or resumes",
+              flush=True)
         return None
     return summary if summary.get("run_id") == default_run_id(cfg) else None
 
