@@ -32,8 +32,13 @@ install: $(STAMP)
 # rather than spin (docs/performance.md, "Threads"); the demo keeps cram_ray's bounded spin.
 test test-recovery test-cluster test-fast: export OMP_WAIT_POLICY ?= PASSIVE
 
+# `make test` runs its test files in TEST_WORKERS processes (pytest-xdist): most of its time is
+# waiting (Ray start-up, process spawns, polling), so two processes on two cores overlap it.
+# A directory whose tests share a finished stream stays in one process (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 -m "not cluster and not recovery" tests
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadscope -m "not cluster and not recovery" tests
 
 test-recovery: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=10 -m "recovery and not cluster" tests

@@ -12,6 +12,9 @@ Token auth is set explicitly either way: ``token=False`` pins ``RAY_AUTH_MODE=di
 gives what a driver needs to connect.
 
 Ray commands here must run under the machine-wide lock (``flock /tmp/cram-ray.lock pytest ...``).
+Within one test session (``pytest -n 2`` runs test files in parallel processes) a node is started
+under :data:`LAUNCH_LOCK`, from picking its free ports until it has bound them, so two processes
+never pick the same port.
 
     head = start_head(tmp_path, num_cpus=2)
     worker = add_worker(head, tmp_path, num_cpus=2, resources={"GPU_SLOT": 1})
@@ -35,6 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from filelock import FileLock
 
 RAY = str(Path(sys.executable).with_name("ray"))
 LOOPBACK = "127.0.0.1"
@@ -109,9 +114,17 @@ NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-liste
 HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port")
 
 
-def _launch(tmp: Path, name: str, args: list[str], *, head: bool, num_cpus: float,
-            resources: Optional[dict[str, float]], worker_ports: int, token: Optional[bool],
-            base_env: Optional[dict[str, str]], address: Optional[str]) -> RayNode:
+LAUNCH_LOCK = Path(tempfile.gettempdir()) / "cram-ray-tests-launch.lock"
+
+
+def _launch(tmp: Path, name: str, args: list[str], **kwargs) -> RayNode:
+    with FileLock(str(LAUNCH_LOCK)):
+        return _launch_locked(tmp, name, args, **kwargs)
+
+
+def _launch_locked(tmp: Path, name: str, args: list[str], *, head: bool, num_cpus: float,
+                   resources: Optional[dict[str, float]], worker_ports: int, token: Optional[bool],
+                   base_env: Optional[dict[str, str]], address: Optional[str]) -> RayNode:
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     temp_dir = Path(tempfile.mkdtemp(prefix=f"ray-{name}-", dir="/tmp"))

@@ -1,4 +1,5 @@
-"""One local Ray cluster per test module, shut down at its end (tests run serially)."""
+"""One local Ray cluster per test module, shut down at its end (a test file runs in one pytest process;
+under `make test`'s `-n 2` another process may run its own cluster beside it)."""
 import os
 import sys
 from pathlib import Path
