@@ -234,3 +234,42 @@ def test_rayjob_code_is_pinned():
     assert not uri.startswith("http://"), "code fetched over plain HTTP"
     assert re.search(r"-([0-9a-f]{7,40}|v\d+\.\d+\.\d+)\.zip$", uri), f"{uri}: not pinned to a commit or tag"
     assert "--address" not in job["spec"]["entrypoint"], "a submitted job joins its own cluster via RAY_ADDRESS"
+
+
+def _tree(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
+def test_a_job_upload_leaves_out_a_comparisons_outputs_and_git_keeps_only_its_summaries(tmp_path):
+    """`ray job submit --working-dir .` packages the checkout with Ray's own reading of .gitignore
+    and .rayignore; a comparison under benchmarks/ writes gigabytes of stream files beside the
+    summaries git keeps. Ray's package holds the code and the table, none of the stream files;
+    git keeps the summaries and the table, nothing else a comparison writes."""
+    import subprocess
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    kept_by_git = ["benchmarks/cmp/cram/seed_0/summary.json", "benchmarks/cmp/compare.md"]
+    outputs = ["benchmarks/cmp/cram-0123abcd/task_0/train/expert.safetensors", "benchmarks/cmp/mlflow.db",
+               "benchmarks/cmp/mlartifacts/1/model.bin", "benchmarks/cmp/datasets/ab/shard-0.parquet",
+               "benchmarks/cmp/cram/seed_0/rank_map.png", "benchmarks/cmp/compare.json"]
+    code = ["cram_ray/__init__.py", "workflows/stream.py", "README.md"]
+    repo = tmp_path / "repo"
+    _tree(repo, {".gitignore": (ROOT / ".gitignore").read_bytes(), ".rayignore": (ROOT / ".rayignore").read_bytes(),
+                 **{rel: b"x" for rel in kept_by_git + outputs + code}})
+
+    package = tmp_path / "package.zip"
+    create_package(str(repo), package, include_gitignore=True)
+    uploaded = {n.rstrip("/") for n in zipfile.ZipFile(package).namelist()}
+    assert set(code) <= uploaded and "benchmarks/cmp/compare.md" in uploaded
+    assert not uploaded & set(outputs), sorted(uploaded & set(outputs))
+    assert not [n for n in uploaded if n.startswith("benchmarks/cmp/cram")], sorted(uploaded)
+
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    listed = subprocess.run(["git", "-C", str(repo), "ls-files", "--others", "--exclude-standard"], check=True,
+                            capture_output=True, text=True).stdout.split()
+    assert set(kept_by_git + code) <= set(listed)
+    assert not set(listed) & set(outputs), sorted(set(listed) & set(outputs))
