@@ -136,6 +136,7 @@ class PhaseBatches:
         self.observer: Optional[Callable[[Batch], None]] = None
         self.wait = 0.0  # seconds spent waiting for Ray Data
         self.prepare = 0.0  # seconds spent padding and computing routing features
+        self.checkpoints, self.checkpoint_seconds = 0, 0.0  # Train checkpoints saved and reported, and their time
         self.setup: dict[str, float] = {}  # engine_fit's set-up seconds (the first DeepSpeed engine builds its ops)
 
     def __iter__(self) -> "PhaseBatches":
@@ -302,7 +303,8 @@ def _run_unit(ctx: StageContext, task: int, stages: list[str], plan: StreamPlan,
                 timings[f"task{task}_{stage}_data_wait"] = batches.wait
                 timings[f"task{task}_{stage}_engine_setup"] = engine_setup
                 timings[f"task{task}_{stage}_batch_prep"] = batches.prepare
-                log(f" {stage}: waited {batches.wait:.1f}s for data, {batches.prepare:.1f}s padding + features")
+                log(f" {stage}: waited {batches.wait:.1f}s for data, {batches.prepare:.1f}s padding + features, "
+                    f"{batches.checkpoint_seconds:.1f}s in {batches.checkpoints} checkpoint(s)")
             seconds = time.time() - t0
             timings[f"task{task}_{stage}"] = seconds
             if rank == 0:
@@ -350,6 +352,7 @@ def _ray_fit(ctx: StageContext, task: int, stage: str, rank: int, fingerprint: O
 
     def checkpoint(stepper: Stepper, progress: FitProgress) -> None:
         if progress.step % every == 0 and progress.step < progress.steps:
+            t0 = time.time()
             with tempfile.TemporaryDirectory(prefix="cram-ckpt-") as tmp:
                 stepper.save(Path(tmp), progress)  # every rank: gathering ZeRO's state is a collective
                 if rank == 0:
@@ -359,6 +362,8 @@ def _ray_fit(ctx: StageContext, task: int, stage: str, rank: int, fingerprint: O
                                   **{k: v / max(1, progress.count) for k, v in progress.totals.items()}},
                                  checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"{stage}-step{progress.step:06d}")
+            batches.checkpoints += 1
+            batches.checkpoint_seconds += time.time() - t0
         _maybe_crash(fault, stage, progress.step, rank)
 
     def fit(model, method: ContinualMethod, it, steps: int, observe=None, reporter=None) -> dict[str, float]:
