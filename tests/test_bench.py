@@ -94,11 +94,16 @@ def test_step_times_every_variant_on_the_same_batches(capsys, cache_dir, tmp_pat
     out = capsys.readouterr().out
     times = {name.strip(): float(ms) for name, ms in re.findall(r"^(.+?)\s+(\d+\.\d) ms/step$", out, re.M)}
     assert set(times) == {"model's own loss, separate routing pass", "answer-only logits, separate routing pass",
-                          "answer-only logits, shared routing pass"}
+                          "answer-only logits, shared routing pass", "answer-only logits, shared pass, feature cache"}
     assert all(ms > 0 for ms in times.values())
-    ratio = float(re.search(r"^ratio (\d+\.\d+)$", out, re.M).group(1))
-    assert ratio == pytest.approx(times["answer-only logits, shared routing pass"]
-                                  / times["model's own loss, separate routing pass"], abs=0.02)
+    found = re.search(r"^ratio shared pass / own loss (\d+\.\d+), feature cache / shared pass (\d+\.\d+) "
+                      r"\((\d+)% of images from the cache\)$", out, re.M)
+    shared, cached, hit_rate = float(found.group(1)), float(found.group(2)), int(found.group(3))
+    assert shared == pytest.approx(times["answer-only logits, shared routing pass"]
+                                   / times["model's own loss, separate routing pass"], abs=0.02)
+    assert cached == pytest.approx(times["answer-only logits, shared pass, feature cache"]
+                                   / times["answer-only logits, shared routing pass"], abs=0.02)
+    assert 0 <= hit_rate <= 100
 
 
 def test_omp_times_every_policy_each_round_and_reaps_its_load(capsys, cache_dir):

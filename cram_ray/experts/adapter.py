@@ -72,9 +72,14 @@ class LowRank(nn.Module):
     def numel(self) -> int:
         return self.A.numel() + self.B.numel()
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``B A x`` for x (..., d_in) -> (..., d_out)."""
-        return (x @ self.A.T) @ self.B.T
+    def delta(self, x: torch.Tensor, weight: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """``weight * B A x`` for x (..., d_in) -> (..., d_out). The weight (a number, or one per
+        sample broadcasting against ``A x``) multiplies the rank-r activations, not the d_out-wide
+        output: the same update for a fraction of the elementwise work, forward and backward."""
+        low = x @ self.A.T
+        if not (isinstance(weight, float) and weight == 1.0):
+            low = low * weight
+        return low @ self.B.T
 
 
 def lora_init(rank: int, d_in: int, d_out: int, *, generator: Optional[torch.Generator] = None,
@@ -190,10 +195,10 @@ class ExpertLinear(nn.Module):
                 if key not in self.experts:
                     raise KeyError(f"ExpertLinear: routing weight on slot {s}, which this layer does not hold")
                 w = weights[:, s].to(xa.dtype).reshape((-1,) + (1,) * (x.dim() - 1))  # (B, 1, ..., 1)
-                term = self.experts[key].delta(xa) * (w * self.scale)
+                term = self.experts[key].delta(xa, w * self.scale)
                 delta = term if delta is None else delta + term
         if ctx.probe and self.buffer is not None:
-            term = self.buffer.delta(xa) * self.buf_scale
+            term = self.buffer.delta(xa, self.buf_scale)
             delta = term if delta is None else delta + term
         if delta is None:
             return out

@@ -12,6 +12,7 @@ L2-normalised by the model's own modules, at most 77 tokens, cached per string.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 from typing import Any, Literal, Optional
@@ -83,6 +84,73 @@ class ImageRoutingEncoder:
         return self._pool(out.hidden_states), torch.stack(list(out.pooler_output))
 
 
+class ImageFeatureCache:
+    """The frozen vision pass's outputs for images a training stage has already seen.
+
+    A task's records come back every epoch (the tiny-cpu demo sees each of its 600 images 16
+    times), and the tower and projector are frozen for the whole stream, so an image's routing
+    features and projected image features are the same every time: they are computed once and
+    read back afterwards. The key is a digest of the image's pixel tensor, so the cache holds for
+    whatever records a batch brings and never serves another image's features.
+
+    Entries are kept on the CPU, first come first kept, until ``max_bytes``; past it, images not
+    yet cached are computed on every visit as without a cache. A stream of one epoch gains
+    nothing; ``max_bytes=0`` turns the cache off. ``misses`` counts the images the tower ran on, ``hits`` the
+    images served without a pass.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._rows: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def hit_rate(self) -> float:
+        seen = self.hits + self.misses
+        return self.hits / seen if seen else 0.0
+
+    @staticmethod
+    def keys(pixel_values: torch.Tensor) -> list[bytes]:
+        """One digest per image of the batch: its pixel tensor's bytes (any dtype)."""
+        flat = pixel_values.detach().reshape(len(pixel_values), -1).contiguous().cpu()
+        raw = flat.view(torch.uint8).numpy()  # bfloat16 has no numpy dtype; its bytes do
+        return [hashlib.blake2b(row, digest_size=16).digest() for row in raw]
+
+    def features(self, encoder: "ImageRoutingEncoder", pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``encoder.with_model_features(pixel_values)`` returns, the tower run only on the
+        batch's images that are not cached yet (each distinct image once)."""
+        keys = self.keys(pixel_values)
+        fresh: dict[bytes, int] = {}  # key -> the first row holding it
+        for i, key in enumerate(keys):
+            if key not in self._rows and key not in fresh:
+                fresh[key] = i
+        computed: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        device = None
+        if fresh:
+            rows = list(fresh.values())
+            routing, model_features = encoder.with_model_features(pixel_values[rows])
+            device = model_features.device
+            for j, key in enumerate(fresh):
+                # clone: a kept row must not hold the whole batch's storage alive
+                computed[key] = (routing[j].clone(), model_features[j].detach().to("cpu", copy=True))
+        self.misses += len(computed)  # tower passes
+        self.hits += len(keys) - len(computed)  # images served without one
+        for key, (routing, model_features) in computed.items():
+            size = routing.numel() * routing.element_size() + model_features.numel() * model_features.element_size()
+            if self.bytes + size <= self.max_bytes:
+                self._rows[key] = (routing, model_features)
+                self.bytes += size
+        parts = [computed[key] if key in computed else self._rows[key] for key in keys]
+        if device is None:
+            device = next(encoder.tower.parameters()).device
+        return (torch.stack([r for r, _ in parts]),
+                torch.stack([m for _, m in parts]).to(device))
+
+
 def text_encoder_path(source: str) -> str:
     """``"minilm"`` -> the packaged all-MiniLM-L6-v2 directory; anything else must be a local dir."""
     if source == "minilm":
@@ -134,12 +202,14 @@ def add_routing_features(
     text_enc: Optional[TextRoutingEncoder],
     *,
     for_model: bool = False,
+    cache: Optional[ImageFeatureCache] = None,
 ) -> dict[str, Any]:
     """Add ``img_feat`` (B, D_img) if ``"image"`` in ``needs`` and ``txt_feat`` (B, D_txt) if ``"text"``.
 
     ``for_model``: the batch goes through the model's forward next (a training step); the image
     pass also leaves the projected image features in the batch (``IMAGE_FEATURES``), so the
-    forward does not run the vision tower again.
+    forward does not run the vision tower again. ``cache``: a training stage's
+    :class:`ImageFeatureCache` (with ``for_model``), so an image seen before skips the tower.
     """
     unknown = set(needs) - {"image", "text"}
     if unknown:
@@ -147,7 +217,9 @@ def add_routing_features(
     if "image" in needs:
         if image_enc is None:
             raise ValueError("image routing features requested but no image encoder given")
-        if for_model and image_enc.shares_pass:
+        if for_model and image_enc.shares_pass and cache is not None and cache.max_bytes > 0:
+            batch["img_feat"], batch[IMAGE_FEATURES] = cache.features(image_enc, batch["pixel_values"])
+        elif for_model and image_enc.shares_pass:
             batch["img_feat"], batch[IMAGE_FEATURES] = image_enc.with_model_features(batch["pixel_values"])
         else:
             batch["img_feat"] = image_enc(batch["pixel_values"])

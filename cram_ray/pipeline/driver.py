@@ -71,9 +71,11 @@ def code_versions() -> dict[str, int]:
     return {"builtin": GENERATOR_VERSION, "mix": MIX_VERSION, "base": BASE_VERSION}
 
 
-# where a stream runs and how it survives faults, not what it computes: may differ on a resume
+# where a stream runs, how it survives faults and how it saves time, not what it computes: may
+# differ on a resume (the feature cache hands the forward the same frozen-tower outputs)
 RESUMABLE_KEYS = ("storage", "train.executor", "train.ray_address", "train.max_failures", "train.stage_retries",
-                  "train.checkpoint_every", "train.fuse_eval", "train.run_span", "tracking.", "tune.")
+                  "train.checkpoint_every", "train.fuse_eval", "train.run_span", "train.feature_cache_mb",
+                  "tracking.", "tune.")
 
 
 def resumable(key: str) -> bool:

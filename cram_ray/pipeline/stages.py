@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -24,6 +24,10 @@ from cram_ray.pipeline.ledger import STAGES, StageResult
 from cram_ray.train.ingest import epoch_order
 from cram_ray.train.loop import cycle, fit_steps
 from cram_ray.train.progress import StepProgress, task_prefix
+
+if TYPE_CHECKING:
+    from cram_ray.config import StreamConfig
+    from cram_ray.models.features import ImageFeatureCache
 
 STATE_TENSORS = "state.safetensors"
 STATE_META = "state.json"
@@ -62,14 +66,24 @@ def restore(ctx: StageContext, task: int, stage: str, rt: Runtime, scratch: Path
 
 
 # -- batches ---------------------------------------------------------------------------------
-def with_features(batch: Batch, method: ContinualMethod, rt: Runtime, *, for_model: bool = False) -> Batch:
+def with_features(batch: Batch, method: ContinualMethod, rt: Runtime, *, for_model: bool = False,
+                  cache: Optional[ImageFeatureCache] = None) -> Batch:
     """The batch with the routing features the method needs; ``for_model``: a training batch, whose
-    forward then reuses the routing pass of the vision tower (``add_routing_features``)."""
+    forward then reuses the routing pass of the vision tower (``add_routing_features``), read
+    from ``cache`` for the images it holds."""
     from cram_ray.models.features import add_routing_features
 
     if method.needs_features:
-        add_routing_features(batch, method.needs_features, rt.image_encoder, rt.text_encoder, for_model=for_model)
+        add_routing_features(batch, method.needs_features, rt.image_encoder, rt.text_encoder, for_model=for_model,
+                             cache=cache)
     return batch
+
+
+def feature_cache(cfg: StreamConfig) -> ImageFeatureCache:
+    """A training stage's own cache of the frozen vision pass (``train.feature_cache_mb``)."""
+    from cram_ray.models.features import ImageFeatureCache
+
+    return ImageFeatureCache(cfg.train.feature_cache_mb * 2 ** 20)
 
 
 def batches_of(records: list[Record], size: int, order: np.ndarray) -> Iterator[list[Record]]:
@@ -81,11 +95,13 @@ def train_stream(ctx: StageContext, task: int, rt: Runtime, method: ContinualMet
                  records: list[Record], salt: str) -> Iterator[Batch]:
     """Endless shuffled training batches of one task, reshuffled every epoch."""
     bs = min(ctx.cfg.train.batch_size, len(records))
+    cache = feature_cache(ctx.cfg)
 
     def epoch(e: int):
         order = epoch_order(ctx.cfg.train.seed, task, e, len(records), bs, salt)  # the Ray executor's order too
         for recs in batches_of(records, bs, order):
-            yield with_features(rt.vlm.processor.train_batch(recs, [task] * len(recs)), method, rt, for_model=True)
+            yield with_features(rt.vlm.processor.train_batch(recs, [task] * len(recs)), method, rt, for_model=True,
+                                cache=cache)
 
     return cycle(epoch)
 

@@ -241,7 +241,8 @@ def _run_unit(ctx: StageContext, task: int, stages: list[str], plan: StreamPlan,
     """One task's stages of the run, each restored, run and committed in order. ``startup``: the
     worker's own start, not yet counted in a stage: the first stage computed here counts it.
     Returns what is left of it (0 once a stage ran)."""
-    from cram_ray.pipeline.stages import restore, run_allocate, run_probe, run_train, save_state, with_features
+    from cram_ray.pipeline.stages import (feature_cache, restore, run_allocate, run_probe, run_train, save_state,
+                                          with_features)
 
     if world_size > plan.world_size:
         raise RuntimeError(f"the data was planned for at most {plan.world_size} workers, the run has {world_size}")
@@ -290,10 +291,12 @@ def _run_unit(ctx: StageContext, task: int, stages: list[str], plan: StreamPlan,
                         and int(resume["meta"]["task"]) == task and resume["meta"]["inputs"] == fingerprint):
                     start_dir, start_step = resume["dir"], int(resume["meta"]["step"])
                     log(f" {stage}: resuming at step {start_step} from {resume['path']}")
+                cache = feature_cache(ctx.cfg)
                 batches = PhaseBatches(
                     stream, phase, rank=rank, shared=plan.phases[phase].shared, start=start_step,
                     collate=collate, merge=merge,
-                    features=lambda b, m=method: to_device(with_features(b, m, rt, for_model=True), device),
+                    features=lambda b, m=method, c=cache: to_device(with_features(b, m, rt, for_model=True, cache=c),
+                                                                    device),
                 )
                 fit = _ray_fit(ctx, task, stage, rank, fingerprint, batches, start_dir, fault, log)
                 body = run_probe if stage == "probe" else run_train
@@ -303,7 +306,9 @@ def _run_unit(ctx: StageContext, task: int, stages: list[str], plan: StreamPlan,
                 timings[f"task{task}_{stage}_data_wait"] = batches.wait
                 timings[f"task{task}_{stage}_engine_setup"] = engine_setup
                 timings[f"task{task}_{stage}_batch_prep"] = batches.prepare
-                log(f" {stage}: waited {batches.wait:.1f}s for data, {batches.prepare:.1f}s padding + features, "
+                cached = (f" ({100 * cache.hit_rate:.0f}% of images from the feature cache)"
+                          if cache.hits + cache.misses else "")
+                log(f" {stage}: waited {batches.wait:.1f}s for data, {batches.prepare:.1f}s padding + features{cached}, "
                     f"{batches.checkpoint_seconds:.1f}s in {batches.checkpoints} checkpoint(s)")
             seconds = time.time() - t0
             timings[f"task{task}_{stage}"] = seconds

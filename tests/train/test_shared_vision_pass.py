@@ -58,3 +58,59 @@ def test_one_tower_pass_gives_the_same_loss_and_gradients():
     assert torch.equal(loss_shared, loss_plain)
     for a, b in zip(grads_shared, grads_plain):
         assert torch.equal(a, b)
+
+
+def test_feature_cache_runs_the_tower_once_per_image_and_serves_its_own_outputs():
+    from cram_ray.models.features import ImageFeatureCache
+
+    vlm = load_hf_llava(None, load_config(None, TINY))
+    encoder = ImageRoutingEncoder(vlm, layers="all")
+    recs = [Record(str(i), "t", _image(i), "what shape is drawn", "circle", "exact") for i in range(5)]
+    seen = []
+    vlm.model.model.vision_tower.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+
+    def batch(idx):
+        b = vlm.processor.train_batch([recs[i] for i in idx], [0] * len(idx))
+        return b
+
+    cache = ImageFeatureCache(max_bytes=2 ** 20)
+    first = add_routing_features(batch([0, 1, 2]), frozenset({"image"}), encoder, None, for_model=True, cache=cache)
+    assert seen == [3] and (cache.hits, cache.misses, len(cache)) == (0, 3, 3)
+    # a later epoch's batch: two images seen before, one new and one repeated inside the batch
+    again = add_routing_features(batch([2, 3, 0, 3]), frozenset({"image"}), encoder, None, for_model=True, cache=cache)
+    assert seen == [3, 1]  # only image 3, once
+    assert (cache.hits, cache.misses, len(cache)) == (2 + 1, 3 + 1, 4)  # 2, 0 and the second 3 are hits
+    assert torch.equal(again["img_feat"][0], first["img_feat"][2])
+    assert torch.equal(again[IMAGE_FEATURES][2], first[IMAGE_FEATURES][0])
+    assert torch.equal(again["img_feat"][1], again["img_feat"][3])
+    # every row is what the uncached shared pass computes for that image (up to the batch's rounding)
+    plain = add_routing_features(batch([2, 3, 0, 3]), frozenset({"image"}), encoder, None, for_model=True)
+    torch.testing.assert_close(again["img_feat"], plain["img_feat"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again[IMAGE_FEATURES], plain[IMAGE_FEATURES], rtol=1e-5, atol=1e-6)
+    # images that are not the same pixels never share an entry
+    assert len(set(ImageFeatureCache.keys(batch([0, 1, 2, 3, 4])["pixel_values"]))) == 5
+
+
+def test_feature_cache_stops_keeping_at_its_size_and_zero_turns_it_off():
+    from cram_ray.models.features import ImageFeatureCache
+
+    vlm = load_hf_llava(None, load_config(None, TINY))
+    encoder = ImageRoutingEncoder(vlm, layers="all")
+    recs = [Record(str(i), "t", _image(i), "what shape is drawn", "circle", "exact") for i in range(4)]
+    b = vlm.processor.train_batch(recs, [0] * 4)
+    routing, model_features = encoder.with_model_features(b["pixel_values"][:1])
+    per_image = routing[0].numel() * 4 + model_features[0].numel() * 4
+
+    small = ImageFeatureCache(max_bytes=2 * per_image + 1)
+    add_routing_features(dict(b), frozenset({"image"}), encoder, None, for_model=True, cache=small)
+    assert len(small) == 2 and small.bytes == 2 * per_image
+    out = add_routing_features(dict(b), frozenset({"image"}), encoder, None, for_model=True, cache=small)
+    assert (small.hits, small.misses) == (2, 6)  # the two kept images hit; the others are computed again
+    assert out["img_feat"].shape[0] == 4
+
+    calls = []
+    vlm.model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    off = ImageFeatureCache(max_bytes=0)
+    for _ in range(2):
+        add_routing_features(dict(b), frozenset({"image"}), encoder, None, for_model=True, cache=off)
+    assert len(calls) == 2 and len(off) == 0  # off: the tower runs every time, nothing kept
