@@ -335,7 +335,7 @@ class TrainConfig:
             raise ConfigError(f"train.zero_stage: expected -1 or 0-3, got {self.zero_stage}")
         _at_least("train", self, 1, "steps_per_task", "batch_size", "grad_accum", "eval_batch_size",
                   "checkpoint_every", "shuffle_buffer")
-        _at_least("train", self, 0, "cpus_per_worker", "stage_retries", "weight_decay")
+        _at_least("train", self, 0, "cpus_per_worker", "stage_retries", "weight_decay", "feature_cache_mb")
         _at_least("train", self, -1, "max_failures")
         _positive_rate("train", self, "lr")
         if not 0.0 <= self.warmup_ratio <= 1.0:

@@ -39,6 +39,7 @@ def test_dotted_overrides_are_typed():
         ("train.executor=spark", "'train.executor': expected one of 'local' | 'ray'"),
         ("method.cram.rank_min=9", "rank_min <= rank_max"),
         ("train.zero_stage=5", "train.zero_stage"),
+        ("train.feature_cache_mb=-1", "train.feature_cache_mb: expected >= 0"),
         ("train.lr", "expected key.path=value"),
     ],
 )
