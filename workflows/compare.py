@@ -36,7 +36,7 @@ from cram_ray.config import ConfigError, StreamConfig, config_hash
 from cram_ray.pipeline.ledger import Storage, normalize_location
 from cram_ray.pipeline.outputs import tracking_place
 
-DEFAULT_METHODS = "cram,same,olora,moelora,hide,lora_ft,oracle"
+DEFAULT_METHODS = "cram,same,olora,moelora,hide,modalprompt,lora_ft,oracle"  # all eight
 STAGES = ("probe", "allocate", "train", "aggregate", "evaluate")
 # table column -> how it is read from one summary
 COLUMNS = {
