@@ -104,6 +104,9 @@ def test_step_times_every_variant_on_the_same_batches(capsys, cache_dir, tmp_pat
     assert cached == pytest.approx(times["answer-only logits, shared pass, feature cache"]
                                    / times["answer-only logits, shared routing pass"], abs=0.02)
     assert 0 <= hit_rate <= 100
+    fill = re.search(r"^first epoch's features \((\d+) batches\): (\d+\.\d+) s filling the cache one image per pass, "
+                     r"(\d+\.\d+) s in batched passes$", out, re.M)
+    assert int(fill.group(1)) >= 1 and float(fill.group(2)) > 0 and float(fill.group(3)) > 0
 
 
 def test_omp_times_every_policy_each_round_and_reaps_its_load(capsys, cache_dir):

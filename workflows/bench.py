@@ -570,10 +570,16 @@ def bench_step(args: argparse.Namespace) -> None:
         return out.loss + sum(method.extra_losses(batch, out).values(), torch.zeros(()))
 
     answer_only = lambda b: compute_loss(model, method, b)[0]  # noqa: E731
-    cache = stages.feature_cache(cfg)
-    for batch in batches:  # the stage's first epoch: the timed steps are those of every later epoch
+    cache = stages.feature_cache(ctx, 0, rt)
+    t0 = time.perf_counter()
+    for batch in batches:  # the task's first epoch: the timed steps are those of every later epoch
         add_routing_features(dict(batch), method.needs_features, rt.image_encoder, rt.text_encoder, for_model=True,
                              cache=cache)
+    fill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for batch in batches:  # the same epoch's features without the cache: one batched pass per step
+        add_routing_features(dict(batch), method.needs_features, rt.image_encoder, rt.text_encoder, for_model=True)
+    batched = time.perf_counter() - t0
     cache.hits = cache.misses = 0
     variants = {"model's own loss, separate routing pass": (own_loss, False, None),
                 "answer-only logits, separate routing pass": (answer_only, False, None),
@@ -598,6 +604,8 @@ def bench_step(args: argparse.Namespace) -> None:
     n = args.rounds * args.steps
     for name, sec in seconds.items():
         print(f"{name:45s} {1000 * sec / n:7.1f} ms/step")
+    print(f"first epoch's features ({len(batches)} batches): {fill:.2f} s filling the cache one image per pass, "
+          f"{batched:.2f} s in batched passes")
     times = list(seconds.values())
     print(f"ratio shared pass / own loss {times[2] / times[0]:.2f}, feature cache / shared pass {times[3] / times[2]:.2f} "
           f"({100 * cache.hit_rate:.0f}% of images from the cache)")

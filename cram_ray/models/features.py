@@ -91,7 +91,9 @@ class ImageFeatureCache:
     times), and the tower and projector are frozen for the whole stream, so an image's routing
     features and projected image features are the same every time: they are computed once and
     read back afterwards. The key is a digest of the image's pixel tensor, so the cache holds for
-    whatever records a batch brings and never serves another image's features.
+    whatever records a batch brings and never serves another image's features. The tower runs
+    on one image at a time, so an image's features are the same bits whichever batch brought it
+    first: a restarted run, whose cache starts empty, continues exactly as the uninterrupted one.
 
     Entries are kept on the CPU, first come first kept, until ``max_bytes``; past it, images not
     yet cached are computed on every visit as without a cache. A stream of one epoch gains
@@ -130,13 +132,13 @@ class ImageFeatureCache:
                 fresh[key] = i
         computed: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         device = None
-        if fresh:
-            rows = list(fresh.values())
-            routing, model_features = encoder.with_model_features(pixel_values[rows])
+        for key, i in fresh.items():
+            # one image per pass: its features then depend on the image alone, not on which batch
+            # first brought it, so a run restarted from a checkpoint (empty cache) computes
+            # bit for bit what the uninterrupted run read from its cache
+            routing, model_features = encoder.with_model_features(pixel_values[i:i + 1])
             device = model_features.device
-            for j, key in enumerate(fresh):
-                # clone: a kept row must not hold the whole batch's storage alive
-                computed[key] = (routing[j].clone(), model_features[j].detach().to("cpu", copy=True))
+            computed[key] = (routing[0], model_features[0].detach().to("cpu"))
         self.misses += len(computed)  # tower passes
         self.hits += len(keys) - len(computed)  # images served without one
         for key, (routing, model_features) in computed.items():

@@ -85,6 +85,21 @@ class Runtime:
     vlm: Any  # cram_ray.models.vlm.VLM
     image_encoder: Any
     text_encoder: Any
+    # the frozen vision pass's cache of the task in training, and which (run, task) it serves
+    _feature_cache: Any = dataclasses.field(default=None, repr=False)
+    _feature_scope: Any = dataclasses.field(default=None, repr=False)
+
+    def feature_cache(self, scope: Any, max_bytes: int) -> Any:
+        """The :class:`~cram_ray.models.features.ImageFeatureCache` of one task of one run
+        (``scope``): its probe and train stages share it, and the next task's first stage drops it.
+        The tower and projector are the runtime's own, frozen, so a cached image's features hold
+        for as long as the runtime lives; the scope only bounds the memory to the images in use."""
+        from cram_ray.models.features import ImageFeatureCache
+
+        if self._feature_cache is None or self._feature_scope != scope:
+            self._feature_cache, self._feature_scope = ImageFeatureCache(max_bytes), scope
+        self._feature_cache.max_bytes = int(max_bytes)  # no eviction: a smaller limit stops it growing
+        return self._feature_cache
 
     def fresh_model(self, train: TrainConfig) -> torch.nn.Module:
         """The frozen base, without adapters, for one stage to inject its adapters into.

@@ -26,7 +26,6 @@ from cram_ray.train.loop import cycle, fit_steps
 from cram_ray.train.progress import StepProgress, task_prefix
 
 if TYPE_CHECKING:
-    from cram_ray.config import StreamConfig
     from cram_ray.models.features import ImageFeatureCache
 
 STATE_TENSORS = "state.safetensors"
@@ -79,11 +78,10 @@ def with_features(batch: Batch, method: ContinualMethod, rt: Runtime, *, for_mod
     return batch
 
 
-def feature_cache(cfg: StreamConfig) -> ImageFeatureCache:
-    """A training stage's own cache of the frozen vision pass (``train.feature_cache_mb``)."""
-    from cram_ray.models.features import ImageFeatureCache
-
-    return ImageFeatureCache(cfg.train.feature_cache_mb * 2 ** 20)
+def feature_cache(ctx: StageContext, task: int, rt: Runtime) -> ImageFeatureCache:
+    """The task's cache of the frozen vision pass (``train.feature_cache_mb``), shared by its probe
+    and train stages in this process."""
+    return rt.feature_cache((ctx.run_id, task), ctx.cfg.train.feature_cache_mb * 2 ** 20)
 
 
 def batches_of(records: list[Record], size: int, order: np.ndarray) -> Iterator[list[Record]]:
@@ -95,7 +93,7 @@ def train_stream(ctx: StageContext, task: int, rt: Runtime, method: ContinualMet
                  records: list[Record], salt: str) -> Iterator[Batch]:
     """Endless shuffled training batches of one task, reshuffled every epoch."""
     bs = min(ctx.cfg.train.batch_size, len(records))
-    cache = feature_cache(ctx.cfg)
+    cache = feature_cache(ctx, task, rt)
 
     def epoch(e: int):
         order = epoch_order(ctx.cfg.train.seed, task, e, len(records), bs, salt)  # the Ray executor's order too

@@ -291,7 +291,8 @@ def _run_unit(ctx: StageContext, task: int, stages: list[str], plan: StreamPlan,
                         and int(resume["meta"]["task"]) == task and resume["meta"]["inputs"] == fingerprint):
                     start_dir, start_step = resume["dir"], int(resume["meta"]["step"])
                     log(f" {stage}: resuming at step {start_step} from {resume['path']}")
-                cache = feature_cache(ctx.cfg)
+                cache = feature_cache(ctx, task, rt)
+                seen_before = (cache.hits, cache.misses)
                 batches = PhaseBatches(
                     stream, phase, rank=rank, shared=plan.phases[phase].shared, start=start_step,
                     collate=collate, merge=merge,
@@ -306,8 +307,8 @@ def _run_unit(ctx: StageContext, task: int, stages: list[str], plan: StreamPlan,
                 timings[f"task{task}_{stage}_data_wait"] = batches.wait
                 timings[f"task{task}_{stage}_engine_setup"] = engine_setup
                 timings[f"task{task}_{stage}_batch_prep"] = batches.prepare
-                cached = (f" ({100 * cache.hit_rate:.0f}% of images from the feature cache)"
-                          if cache.hits + cache.misses else "")
+                hits, misses = cache.hits - seen_before[0], cache.misses - seen_before[1]
+                cached = f" ({100 * hits / (hits + misses):.0f}% of images from the feature cache)" if hits + misses else ""
                 log(f" {stage}: waited {batches.wait:.1f}s for data, {batches.prepare:.1f}s padding + features{cached}, "
                     f"{batches.checkpoint_seconds:.1f}s in {batches.checkpoints} checkpoint(s)")
             seconds = time.time() - t0
