@@ -304,8 +304,8 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     eval_batch_size: int = 64
-    # MB of host memory a training stage may fill with the frozen vision pass's outputs of images it
-    # has seen (each image's tower pass then runs once per stage, not once per epoch); 0 = off
+    # MB of host memory a task's probe and train may fill with the frozen vision pass's outputs of
+    # images they have seen (each image's tower pass then runs once per task, not once per epoch); 0 = off
     feature_cache_mb: int = 256
     seed: int = 0
     executor: Literal["local", "ray"] = "local"  # local = one process; ray = stages as Ray tasks / Train runs

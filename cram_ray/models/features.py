@@ -85,7 +85,7 @@ class ImageRoutingEncoder:
 
 
 class ImageFeatureCache:
-    """The frozen vision pass's outputs for images a training stage has already seen.
+    """The frozen vision pass's outputs for images a task's training has already seen.
 
     A task's records come back every epoch (the tiny-cpu demo sees each of its 600 images 16
     times), and the tower and projector are frozen for the whole stream, so an image's routing
@@ -126,18 +126,14 @@ class ImageFeatureCache:
         """What ``encoder.with_model_features(pixel_values)`` returns, the tower run only on the
         batch's images that are not cached yet (each distinct image once)."""
         keys = self.keys(pixel_values)
-        fresh: dict[bytes, int] = {}  # key -> the first row holding it
-        for i, key in enumerate(keys):
-            if key not in self._rows and key not in fresh:
-                fresh[key] = i
         computed: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
-        device = None
-        for key, i in fresh.items():
+        for i, key in enumerate(keys):
+            if key in self._rows or key in computed:
+                continue
             # one image per pass: its features then depend on the image alone, not on which batch
             # first brought it, so a run restarted from a checkpoint (empty cache) computes
             # bit for bit what the uninterrupted run read from its cache
             routing, model_features = encoder.with_model_features(pixel_values[i:i + 1])
-            device = model_features.device
             computed[key] = (routing[0], model_features[0].detach().to("cpu"))
         self.misses += len(computed)  # tower passes
         self.hits += len(keys) - len(computed)  # images served without one
@@ -147,8 +143,7 @@ class ImageFeatureCache:
                 self._rows[key] = (routing, model_features)
                 self.bytes += size
         parts = [computed[key] if key in computed else self._rows[key] for key in keys]
-        if device is None:
-            device = next(encoder.tower.parameters()).device
+        device = next(encoder.tower.parameters()).device  # where with_model_features leaves them
         return (torch.stack([r for r, _ in parts]),
                 torch.stack([m for _, m in parts]).to(device))
 
@@ -210,7 +205,7 @@ def add_routing_features(
 
     ``for_model``: the batch goes through the model's forward next (a training step); the image
     pass also leaves the projected image features in the batch (``IMAGE_FEATURES``), so the
-    forward does not run the vision tower again. ``cache``: a training stage's
+    forward does not run the vision tower again. ``cache``: the task's
     :class:`ImageFeatureCache` (with ``for_model``), so an image seen before skips the tower.
     """
     unknown = set(needs) - {"image", "text"}

@@ -70,8 +70,7 @@ def test_feature_cache_runs_the_tower_once_per_image_and_serves_its_own_outputs(
     vlm.model.model.vision_tower.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
 
     def batch(idx):
-        b = vlm.processor.train_batch([recs[i] for i in idx], [0] * len(idx))
-        return b
+        return vlm.processor.train_batch([recs[i] for i in idx], [0] * len(idx))
 
     cache = ImageFeatureCache(max_bytes=2 ** 20)
     first = add_routing_features(batch([0, 1, 2]), frozenset({"image"}), encoder, None, for_model=True, cache=cache)
