@@ -178,9 +178,16 @@ def test_variants_are_methods_with_settings_changed(tmp_path):
     assert compare.variant_overrides("cram@router=rbf+lambda_dec=0") == ["method.cram.router=rbf",
                                                                         "method.cram.lambda_dec=0"]
     assert compare.variant_overrides("lora_ft@train.lr=1e-3") == ["train.lr=1e-3"]
+    # a list value keeps its commas: two labels, and the override is the list
+    labels = compare.parse_methods("cram,same@target_modules=[q_proj,v_proj]+freeze_old=true")
+    assert labels == ["cram", "same@target_modules=[q_proj,v_proj]+freeze_old=true"]
+    assert compare.variant_overrides(labels[1]) == ["method.same.target_modules=[q_proj,v_proj]",
+                                                    "method.same.freeze_old=true"]
     args = compare.build_parser().parse_args(["--config", SMOKE, "--out", str(tmp_path)])
     cfg = compare.run_config(args, "cram@router=rbf", 3, [])
     assert cfg.method.name == "cram" and cfg.method.cram.router == "rbf" and cfg.train.seed == 3
+    cfg = compare.run_config(args, labels[1], 0, [])
+    assert cfg.method.same.target_modules == ["q_proj", "v_proj"] and cfg.method.same.freeze_old
     assert cfg.storage == str(tmp_path.resolve())  # one storage root: the benchmark is prepared once for all
     fake = {"method": "cram", "mft": 50.0, "maa": 40.0, "bwt": -1.0, "routing_accuracy": 90.0,
             "params_added_total": 100, "stage_seconds": {"train": 2.0}}

@@ -2,6 +2,7 @@
 
     python workflows/compare.py --methods cram,same,olora,moelora,hide,lora_ft,oracle [--seeds 0,1,2]
     python workflows/compare.py --methods cram,cram@router=rbf   # a variant: a method with settings changed
+    python workflows/compare.py --methods same,same@target_modules=[q_proj,k_proj,v_proj,o_proj]   # a list value
                                 [--config YAML] [--benchmark MANIFEST] [--out DIR|URI]
                                 [--executor local|ray] [--restart] [--set key=value ...] [--dry-run]
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import statistics
 import sys
@@ -61,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
+    """``cram,same@target_modules=[q_proj,v_proj]`` -> two labels: a comma inside ``[...]`` belongs
+    to a variant's list value."""
+    methods = [m.strip() for m in re.split(r",(?![^\[]*\])", text) if m.strip()]
     if not methods:
         raise ConfigError(f"--methods: expected comma-separated method names, got {text!r}")
     if len(set(methods)) != len(methods):
