@@ -186,9 +186,9 @@ def test_variants_are_methods_with_settings_changed(tmp_path):
     args = compare.build_parser().parse_args(["--config", SMOKE, "--out", str(tmp_path)])
     cfg = compare.run_config(args, "cram@router=rbf", 3, [])
     assert cfg.method.name == "cram" and cfg.method.cram.router == "rbf" and cfg.train.seed == 3
-    cfg = compare.run_config(args, labels[1], 0, [])
-    assert cfg.method.same.target_modules == ["q_proj", "v_proj"] and cfg.method.same.freeze_old
     assert cfg.storage == str(tmp_path.resolve())  # one storage root: the benchmark is prepared once for all
+    listed = compare.run_config(args, labels[1], 0, [])
+    assert listed.method.same.target_modules == ["q_proj", "v_proj"] and listed.method.same.freeze_old
     fake = {"method": "cram", "mft": 50.0, "maa": 40.0, "bwt": -1.0, "routing_accuracy": 90.0,
             "params_added_total": 100, "stage_seconds": {"train": 2.0}}
     rows = compare.method_rows([{**fake, "mfn": 50.0, "label": "cram"},

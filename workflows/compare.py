@@ -1,6 +1,6 @@
 """Compare continual-learning methods on one benchmark: every method x seed, one table.
 
-    python workflows/compare.py --methods cram,same,olora,moelora,hide,lora_ft,oracle [--seeds 0,1,2]
+    python workflows/compare.py --methods cram,same,olora,moelora,hide,modalprompt,lora_ft,oracle [--seeds 0,1,2]
     python workflows/compare.py --methods cram,cram@router=rbf   # a variant: a method with settings changed
     python workflows/compare.py --methods same,same@target_modules=[q_proj,k_proj,v_proj,o_proj]   # a list value
                                 [--config YAML] [--benchmark MANIFEST] [--out DIR|URI]
